@@ -7,10 +7,10 @@ __all__ = [
     "PRESETS",
     "TINY",
     "V1_5",
-    "SDConfig",
-    "get_config",
     "CheckpointError",
     "ConfigError",
     "InputError",
     "SDBenchError",
+    "SDConfig",
+    "get_config",
 ]

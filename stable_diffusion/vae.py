@@ -13,16 +13,16 @@ from torch import nn
 from .config import VAEConfig
 
 
-def Normalize(ch: int, groups: int) -> nn.GroupNorm:  # noqa: N802 - CompVis name
+def normalize(ch: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, ch, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, ch: int, out_ch: int, groups: int) -> None:
         super().__init__()
-        self.norm1 = Normalize(ch, groups)
+        self.norm1 = normalize(ch, groups)
         self.conv1 = nn.Conv2d(ch, out_ch, 3, padding=1)
-        self.norm2 = Normalize(out_ch, groups)
+        self.norm2 = normalize(out_ch, groups)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         if ch != out_ch:
             self.nin_shortcut = nn.Conv2d(ch, out_ch, 1)
@@ -38,7 +38,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, ch: int, groups: int) -> None:
         super().__init__()
-        self.norm = Normalize(ch, groups)
+        self.norm = normalize(ch, groups)
         self.q = nn.Conv2d(ch, ch, 1)
         self.k = nn.Conv2d(ch, ch, 1)
         self.v = nn.Conv2d(ch, ch, 1)
@@ -113,7 +113,7 @@ class Encoder(nn.Module):
             self.down.append(Level(pairs, cfg.groups, Downsample if i < len(chans) - 1 else None))
             ch = out
         self.mid = Mid(ch, cfg.groups)
-        self.norm_out = Normalize(ch, cfg.groups)
+        self.norm_out = normalize(ch, cfg.groups)
         self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,7 @@ class Decoder(nn.Module):
             levels.insert(0, Level(pairs, cfg.groups, Upsample if i > 0 else None))
             ch = chans[i]
         self.up = nn.ModuleList(levels)  # up[i] is resolution level i, run from the deepest level up
-        self.norm_out = Normalize(ch, cfg.groups)
+        self.norm_out = normalize(ch, cfg.groups)
         self.conv_out = nn.Conv2d(ch, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

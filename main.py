@@ -1,0 +1,131 @@
+"""sdbench command line: `python main.py generate --prompt "..."` (more commands come with the harness).
+
+User errors (bad files, options, values) print one clear message and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from stable_diffusion.config import PRESETS, get_config
+from stable_diffusion.errors import InputError, SDBenchError
+
+log = logging.getLogger("sdbench")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads a model."""
+    p.add_argument("--checkpoint", type=Path, help="v1 .ckpt/.safetensors (default: the embedded tiny model)")
+    p.add_argument("--config", choices=sorted(PRESETS), help="model preset (default: recognised from the file)")
+    p.add_argument("--unet", type=Path, help="replace the UNet with one from this (partial) checkpoint")
+    p.add_argument(
+        "--unsafe-load", action="store_true", help="allow pickles that need code to load (trusted files only)"
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'512' or '768x512' (width x height) -> (height, width)."""
+    try:
+        w, _, h = text.lower().partition("x")
+        return int(h or w), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"resolution must be N or WxH, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description="Stable Diffusion v1 compression benchmark")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text -> image (or image -> image) with our Stable Diffusion stack")
+    add_model_args(g)
+    g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--sampler", default="pndm", help="ddim, pndm (plms), ddpm or euler")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resolution", type=parse_resolution, help="N or WxH pixels (default: the preset's)")
+    g.add_argument("--batch", type=int, default=1, help="images per prompt")
+    g.add_argument("--init-image", type=Path, help="img2img: start from this image")
+    g.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the schedule to run")
+    g.add_argument("--out", type=Path, help="output folder (default: results/generate/<time>)")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def load_pipeline(args: argparse.Namespace):
+    from stable_diffusion.checkpoint import load_unet_into
+    from stable_diffusion.defaults import embedded_checkpoint
+    from stable_diffusion.pipeline import StableDiffusion
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    path = args.checkpoint or embedded_checkpoint()
+    cfg = get_config(args.config) if args.config else None
+    sd = StableDiffusion.from_checkpoint(
+        path, cfg, dtype=DTYPES[args.dtype], device=args.device, unsafe=args.unsafe_load
+    )
+    if args.unet:
+        load_unet_into(sd.model, args.unet, unsafe=args.unsafe_load)
+    log.info("model %s from %s (%s, %s)", sd.cfg.name, path, args.dtype, args.device)
+    return sd
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    sd = load_pipeline(args)
+    height, width = args.resolution or (None, None)
+    result = sd(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        sampler=args.sampler,
+        guidance=args.guidance,
+        seed=args.seed,
+        height=height,
+        width=width,
+        batch=args.batch,
+        eta=args.eta,
+        init_image=args.init_image,
+        strength=args.strength,
+    )
+    out = args.out or Path("results") / "generate" / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output folder {out}: {e}") from None
+    for i, image in enumerate(result.images):
+        path = out / f"{i // args.batch:02d}-{i % args.batch:02d}-seed{args.seed}.png"
+        image.save(path)
+        log.info("wrote %s", path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except SDBenchError as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

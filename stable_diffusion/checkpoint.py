@@ -1,0 +1,248 @@
+"""Checkpoint I/O for CompVis-layout Stable Diffusion v1 files (`.ckpt` pickles and `.safetensors`).
+
+Safety: pickles are always read with `torch.load(weights_only=True)`. The official v1 `.ckpt` files are
+PyTorch Lightning checkpoints whose pickle references Lightning's `ModelCheckpoint` class (as a dict
+key in `callbacks`); we map such known metadata globals to an inert stand-in class instead of importing
+Lightning, so nothing in the file can run code. Anything else that needs arbitrary unpickling is refused
+unless the user explicitly passes `unsafe=True` (`--unsafe-load`).
+
+Memory: pickles are memory-mapped and the model is built on the meta device, then the file's tensors are
+assigned in place, so peak memory stays near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import PRESETS, SDConfig
+from .errors import CheckpointError
+from .model import COMPONENT_PREFIXES, LatentDiffusion
+
+log = logging.getLogger(__name__)
+
+UNSAFE_HINT = "Only if you trust the file, pass --unsafe-load (torch.load weights_only=False) to read it anyway."
+
+
+class LightningMetadataStandIn:
+    """Inert stand-in for Lightning classes named in a checkpoint's training metadata (never used)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+# Globals that appear in the metadata (not the weights) of Lightning-trained SD checkpoints.
+KNOWN_METADATA_GLOBALS = [
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.lr_monitor.LearningRateMonitor",
+]
+
+
+def _fail(path: Path, what: str, hint: str = "") -> CheckpointError:
+    return CheckpointError(f"cannot load checkpoint {path}: {what}" + (f"\n{hint}" if hint else ""))
+
+
+def _sniff(path: Path) -> str:
+    """'safetensors', 'zip' (torch.save) or 'legacy' (a bare pickle) from the first bytes of the file."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK":
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
+        return "safetensors"
+    return "legacy"
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        raise _fail(path, f"corrupt or truncated safetensors file ({e})") from None
+
+
+def _read_pickle(path: Path, kind: str, unsafe: bool) -> object:
+    safe_globals = [(LightningMetadataStandIn, name) for name in KNOWN_METADATA_GLOBALS]
+    try:
+        with torch.serialization.safe_globals(safe_globals):
+            return torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=kind == "zip")
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Weights only load failed" in msg:
+            needed = next((line.strip() for line in msg.splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+            raise _fail(
+                path, f"it needs arbitrary code to unpickle, refused for safety. {needed}", UNSAFE_HINT
+            ) from None
+        raise _fail(path, f"not a PyTorch checkpoint ({msg.splitlines()[0] if msg else 'unpickling failed'})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _fail(path, f"corrupt or truncated file ({first})", "Re-download it and compare its sha256.") from None
+
+
+def read_state_dict(path: str | Path, unsafe: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a `.ckpt`/`.safetensors` file, as stored (the `state_dict` entry of a Lightning file)."""
+    path = Path(path)
+    if not path.exists():
+        raise _fail(path, "no such file", "Pass --checkpoint PATH to a v1 .ckpt/.safetensors file, or omit it.")
+    if not path.is_file():
+        raise _fail(path, "not a file")
+    if path.stat().st_size == 0:
+        raise _fail(path, "the file is empty")
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _read_safetensors(path)
+    obj = _read_pickle(path, kind, unsafe)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise _fail(path, f"expected a dict of tensors, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def v1_weights(state_dict: dict[str, torch.Tensor], path: str | Path = "<state dict>") -> dict[str, torch.Tensor]:
+    """Keep only v1 model weights, in our key layout.
+
+    Drops non-weights (noise-schedule buffers, `model_ema.*`, `position_ids`, training-loss modules) and
+    accepts older files whose text-encoder keys lack the `text_model.` level.
+    """
+    keys = list(state_dict)
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise _fail(
+            Path(path), "this is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder); sdbench runs v1 models"
+        )
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise _fail(Path(path), "this is an SDXL checkpoint; sdbench runs Stable Diffusion v1 models")
+    clip = "cond_stage_model.transformer."
+    out = {}
+    for k, v in state_dict.items():
+        if not k.startswith(tuple(COMPONENT_PREFIXES.values())) or k.endswith("position_ids"):
+            continue
+        if k.startswith("first_stage_model.loss."):
+            continue
+        if k.startswith(clip) and not k.startswith(clip + "text_model."):
+            k = clip + "text_model." + k[len(clip) :]
+        out[k] = v
+    if not out:
+        hint = (
+            "It looks like a diffusers-format file; convert it to the single-file layout."
+            if any(k.startswith(("down_blocks.", "unet.", "encoder.down_blocks.")) for k in keys)
+            else "Expected keys under model.diffusion_model., first_stage_model., cond_stage_model."
+        )
+        raise _fail(Path(path), "no Stable Diffusion v1 weights found", hint)
+    return out
+
+
+def components_in(weights: dict[str, torch.Tensor]) -> list[str]:
+    return [c for c, p in COMPONENT_PREFIXES.items() if any(k.startswith(p) for k in weights)]
+
+
+def _shapes(cfg: SDConfig, components: Iterable[str]) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        sd = LatentDiffusion(cfg).state_dict()
+    prefixes = tuple(COMPONENT_PREFIXES[c] for c in components)
+    return {k: v.shape for k, v in sd.items() if k.startswith(prefixes)}
+
+
+def _preview(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def check_keys(cfg: SDConfig, weights: dict[str, torch.Tensor], components: Iterable[str], path: str | Path) -> None:
+    """Raise one readable error listing missing, unexpected and wrong-shape keys for these components."""
+    components = list(components)
+    expected = _shapes(cfg, components)
+    prefixes = tuple(COMPONENT_PREFIXES[c] for c in components)
+    given = {k: v.shape for k, v in weights.items() if k.startswith(prefixes)}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = [
+        f"{k}: file {list(given[k])} vs model {list(expected[k])}"
+        for k in sorted(set(given) & set(expected))
+        if given[k] != expected[k]
+    ]
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"it does not fit config {cfg.name!r} ({', '.join(components)}):"]
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shape", wrong)):
+        if items:
+            lines.append(f"  {label} ({len(items)}): {_preview(items)}")
+    fits = detect_config({k: weights[k] for k in given})
+    hint = f"The file fits the {fits.name!r} preset: pass --config {fits.name}." if fits else "Is this a v1 checkpoint?"
+    raise _fail(Path(path), "\n".join(lines), hint)
+
+
+def detect_config(weights: dict[str, torch.Tensor]) -> SDConfig | None:
+    """The preset whose module shapes equal the file's, if any."""
+    given = {k: v.shape for k, v in weights.items()}
+    comps = components_in(weights)
+    if not comps:
+        return None
+    return next((cfg for cfg in PRESETS.values() if _shapes(cfg, comps) == given), None)
+
+
+def load_model(
+    path: str | Path,
+    cfg: SDConfig | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    unsafe: bool = False,
+) -> LatentDiffusion:
+    """Build a full model (UNet, VAE, text encoder) from a v1 checkpoint, strictly.
+
+    With no `cfg`, the preset is recognised from the tensor shapes.
+    """
+    weights = v1_weights(read_state_dict(path, unsafe), path)
+    cfg = cfg or detect_config(weights) or PRESETS["v1-5"]
+    absent = [c for c in COMPONENT_PREFIXES if c not in components_in(weights)]
+    if absent:
+        raise _fail(
+            Path(path),
+            f"it holds no {', '.join(absent)} weights (a partial file)",
+            "Load the full model from another file and pass this one as --unet PATH.",
+        )
+    check_keys(cfg, weights, COMPONENT_PREFIXES, path)
+    with torch.device("meta"):
+        model = LatentDiffusion(cfg)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_unet_into(model: LatentDiffusion, path: str | Path, *, unsafe: bool = False) -> LatentDiffusion:
+    """Replace the UNet weights of `model` from a (partial or full) checkpoint, e.g. a compressed UNet."""
+    weights = v1_weights(read_state_dict(path, unsafe), path)
+    check_keys(model.cfg, weights, ["unet"], path)
+    prefix = COMPONENT_PREFIXES["unet"]
+    p = next(model.unet.parameters())
+    unet_sd = {
+        k[len(prefix) :]: v.to(device=p.device, dtype=p.dtype) for k, v in weights.items() if k.startswith(prefix)
+    }
+    model.unet.load_state_dict(unet_sd, strict=True)
+    return model
+
+
+def save_checkpoint(module: nn.Module, path: str | Path, cfg: SDConfig, component: str | None = None) -> Path:
+    """Save in the CompVis layout as safetensors. `component` names the prefix when saving one sub-module."""
+    from safetensors.torch import save_file
+
+    prefix = COMPONENT_PREFIXES[component] if component else ""
+    sd = {prefix + k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt", "sdbench_config": cfg.name})
+    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint behind
+    return path
