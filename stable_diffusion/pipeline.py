@@ -69,7 +69,7 @@ class StableDiffusion:
         return self.model.text_encoder(self.tokenizer(prompts).to(self.device))
 
     def _check(self, steps: int, guidance: float, height: int, width: int, batch: int) -> None:
-        f = self.cfg.vae.downsample
+        f = self.cfg.vae.downsample * 2 ** (len(self.cfg.unet.channel_mult) - 1)  # the UNet halves latents too
         if steps < 1:
             raise InputError(f"steps must be a positive integer, got {steps}")
         if not math.isfinite(guidance):
