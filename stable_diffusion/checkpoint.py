@@ -87,9 +87,10 @@ def _read_pickle(path: Path, kind: str, unsafe: bool) -> object:
                 path, f"it needs arbitrary code to unpickle, refused for safety. {needed}", UNSAFE_HINT
             ) from None
         raise _fail(path, f"not a PyTorch checkpoint ({msg.splitlines()[0] if msg else 'unpickling failed'})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # the unpickler raises anything (IndexError, KeyError, ...) on garbage
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise _fail(path, f"corrupt or truncated file ({first})", "Re-download it and compare its sha256.") from None
+        what = "corrupt or truncated file" if kind == "zip" else "not a PyTorch checkpoint or safetensors file"
+        raise _fail(path, f"{what} ({first})", "Re-download it and compare its sha256.") from None
 
 
 def read_state_dict(path: str | Path, unsafe: bool = False) -> dict[str, torch.Tensor]:
