@@ -1,0 +1,1 @@
+"""sdbench harness: compression techniques, metrics, sweep runner, reports and benchmarks."""

@@ -1,0 +1,84 @@
+"""Benchmark: our UNet step vs the diffusers UNet on the same weights and inputs, in one process.
+
+    python -m bench.speed                      # tiny and v1-5 at 32x32 latents
+    python -m bench.speed --latent 64 --configs v1-5
+
+Runs alternate (ours, diffusers, ours, ...) after warmup so drift hits both sides alike; prints the
+median and p90 per call and the ratio ours / diffusers (target <= 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+from stable_diffusion import reference
+from stable_diffusion.config import get_config
+from stable_diffusion.model import COMPONENT_PREFIXES
+from stable_diffusion.unet import UNetModel
+
+
+def time_calls(fns: dict[str, callable], warmup: int, repeats: int) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def p90(xs: list[float]) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(0.9 * len(xs)))]
+
+
+@torch.inference_mode()
+def bench_unet(config: str, latent: int, batch: int, warmup: int, repeats: int) -> float:
+    cfg = get_config(config)
+    torch.manual_seed(0)
+    ours = UNetModel(cfg.unet).eval()
+    theirs = reference.diffusers_unet(cfg, {COMPONENT_PREFIXES["unet"] + k: v for k, v in ours.state_dict().items()})
+    x = torch.randn(batch, cfg.unet.in_channels, latent, latent)
+    ctx = torch.randn(batch, cfg.clip.max_length, cfg.unet.context_dim)
+    t = torch.tensor(500)
+    times = time_calls(
+        {"ours": lambda: ours(x, t, ctx), "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx)},
+        warmup,
+        repeats,
+    )
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["ours"] / med["diffusers"]
+    print(
+        f"{config:5s} latent {latent}x{latent} batch {batch}: "
+        f"ours {med['ours'] * 1e3:9.1f} ms (p90 {p90(times['ours']) * 1e3:9.1f}) | "
+        f"diffusers {med['diffusers'] * 1e3:9.1f} ms (p90 {p90(times['diffusers']) * 1e3:9.1f}) | "
+        f"ratio ours/diffusers {ratio:.3f}",
+        flush=True,
+    )
+    del ours, theirs
+    gc.collect()
+    return ratio
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="tiny,v1-5")
+    p.add_argument("--latent", type=int, default=32, help="latent side (64 = 512 px for v1-5)")
+    p.add_argument("--batch", type=int, default=2, help="2 = one prompt with classifier-free guidance")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU")
+    for config in args.configs.split(","):
+        bench_unet(config, args.latent, args.batch, args.warmup, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
