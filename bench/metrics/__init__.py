@@ -1,0 +1,1 @@
+"""Quality metrics, one module each, behind `bench.metrics.base.Metric`."""

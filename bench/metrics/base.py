@@ -1,0 +1,30 @@
+"""The one small interface between the sweep runner and a quality metric.
+
+A metric sees the images of one setting (same prompts and seeds in every setting), the prompts, and the
+images the uncompressed model made for them; it returns named values for the CSV row. Metrics whose
+weights are missing offline report `unavailable()` (one line: how to enable them) and leave their
+columns empty. `protocol()` is stored in the manifest and the row so every number carries how it was made.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+
+class Metric:
+    name: ClassVar[str]
+    columns: ClassVar[tuple[str, ...]]  # the CSV columns this metric fills
+
+    def unavailable(self) -> str | None:
+        """None when the metric can run; otherwise one line saying how to enable it."""
+        return None
+
+    def protocol(self) -> dict[str, Any]:
+        """How the numbers are made: N, resolution, feature weights, antialias, ..."""
+        return {}
+
+    def compute(self, images: torch.Tensor, prompts: list[str], baseline: torch.Tensor | None) -> dict[str, float]:
+        """images, baseline: [N, 3, H, W] float in [0, 1]; baseline is the FP32 model's images (same seeds)."""
+        raise NotImplementedError
