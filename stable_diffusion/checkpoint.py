@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import pickletools
+import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -59,7 +61,7 @@ def _sniff(path: Path) -> str:
         head = f.read(9)
     if head[:2] == b"PK":
         return "zip"
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
+    if len(head) == 9 and head[8:9] == b"{":  # (a header cut short is reported by the safetensors reader)
         return "safetensors"
     return "legacy"
 
@@ -74,19 +76,70 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise _fail(path, f"corrupt or truncated safetensors file ({e})") from None
 
 
-def _read_pickle(path: Path, kind: str, unsafe: bool) -> object:
+def _torch_load(path: Path, kind: str, weights_only: bool) -> object:
     safe_globals = [(LightningMetadataStandIn, name) for name in KNOWN_METADATA_GLOBALS]
+    # torch.load hands any path named *.safetensors to safetensors, so pass an open file unless mmap-ing.
+    mmap = kind == "zip" and path.suffix != ".safetensors"
+    with torch.serialization.safe_globals(safe_globals), path.open("rb") as f:
+        return torch.load(path if mmap else f, map_location="cpu", weights_only=weights_only, mmap=mmap)
+
+
+def _pickle_globals(path: Path) -> list[str] | None:
+    """Globals a bare pickle imports, parsed (never run); None if the file is not a pickle."""
+    names: list[str] = []
+    strings: list[str] = []
+    with path.open("rb") as f:
+        head = f.read(2)
+        if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:  # PROTO 2..5 opens every modern pickle
+            return None
+        f.seek(0)
+        try:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    names.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception:  # malformed further on: report what was seen
+            pass
+    return list(dict.fromkeys(names))
+
+
+def _refusal(path: Path, kind: str, msg: str) -> str:
+    """Why the weights-only unpickler refused the file; raises if the file is not a pickle at all."""
+    names = re.findall(r"GLOBAL (\S+)", msg)
+    if "Unsupported operand" in msg:  # an opcode it lacks: garbage, or a pickle of protocol > 2
+        if kind == "legacy":
+            names = _pickle_globals(path)
+            if names is None:
+                raise _fail(path, "not a PyTorch checkpoint (neither a torch.save file, a pickle nor safetensors)")
+        if not names:
+            return "it uses pickle opcodes the weights-only loader lacks (pickle protocol > 2?), refused for safety"
+    needs = f" ({_preview(list(dict.fromkeys(names)))})" if names else ""
+    return f"it needs arbitrary code to unpickle{needs}, refused for safety"
+
+
+def _read_pickle(path: Path, kind: str, unsafe: bool) -> object:
+    """torch.load with weights_only=True; with `unsafe`, a file that it refuses is then fully unpickled."""
     try:
-        with torch.serialization.safe_globals(safe_globals):
-            return torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=kind == "zip")
+        try:
+            return _torch_load(path, kind, weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" not in str(e):
+                raise
+            refusal = _refusal(path, kind, str(e))
+            if not unsafe:
+                raise _fail(path, refusal, UNSAFE_HINT) from None
+        log.warning("%s: %s; unpickling it anyway as --unsafe-load was given", path, refusal)
+        return _torch_load(path, kind, weights_only=False)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "Weights only load failed" in msg:
-            needed = next((line.strip() for line in msg.splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
-            raise _fail(
-                path, f"it needs arbitrary code to unpickle, refused for safety. {needed}", UNSAFE_HINT
-            ) from None
         raise _fail(path, f"not a PyTorch checkpoint ({msg.splitlines()[0] if msg else 'unpickling failed'})") from None
+    except ImportError as e:  # only when fully unpickling (--unsafe-load)
+        raise _fail(path, f"unpickling it needs the module {e.name!r}, which is not installed") from None
     except Exception as e:  # the unpickler raises anything (IndexError, KeyError, ...) on garbage
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         what = "corrupt or truncated file" if kind == "zip" else "not a PyTorch checkpoint or safetensors file"
@@ -194,6 +247,13 @@ def detect_config(weights: dict[str, torch.Tensor]) -> SDConfig | None:
     return next((cfg for cfg in PRESETS.values() if _shapes(cfg, comps) == given), None)
 
 
+def _closest_config(weights: dict[str, torch.Tensor]) -> SDConfig:
+    """The preset sharing the most key shapes with a file that fits none, so errors list the real differences."""
+    given = {k: v.shape for k, v in weights.items()}
+    comps = components_in(weights)
+    return max(PRESETS.values(), key=lambda c: sum(given.get(k) == s for k, s in _shapes(c, comps).items()))
+
+
 def load_model(
     path: str | Path,
     cfg: SDConfig | None = None,
@@ -207,7 +267,7 @@ def load_model(
     With no `cfg`, the preset is recognised from the tensor shapes.
     """
     weights = v1_weights(read_state_dict(path, unsafe), path)
-    cfg = cfg or detect_config(weights) or PRESETS["v1-5"]
+    cfg = cfg or detect_config(weights) or _closest_config(weights)
     absent = [c for c in COMPONENT_PREFIXES if c not in components_in(weights)]
     if absent:
         raise _fail(
@@ -235,6 +295,20 @@ def load_unet_into(model: LatentDiffusion, path: str | Path, *, unsafe: bool = F
     return model
 
 
+def _sort_safetensors_metadata(path: Path) -> None:
+    """safetensors writes `__metadata__` in hash-map order, which varies from call to call; sort it so that the
+    same weights always give the same bytes (the embedded default relies on it). Only key order changes."""
+    with path.open("r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) == len(raw.rstrip(b" ")):
+            f.seek(8)
+            f.write(text.ljust(n))
+
+
 def save_checkpoint(module: nn.Module, path: str | Path, cfg: SDConfig, component: str | None = None) -> Path:
     """Save in the CompVis layout as safetensors. `component` names the prefix when saving one sub-module."""
     from safetensors.torch import save_file
@@ -245,5 +319,6 @@ def save_checkpoint(module: nn.Module, path: str | Path, cfg: SDConfig, componen
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata={"format": "pt", "sdbench_config": cfg.name})
+    _sort_safetensors_metadata(tmp)
     tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint behind
     return path
