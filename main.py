@@ -1,4 +1,7 @@
-"""sdbench command line: `python main.py generate --prompt "..."` (more commands come with the harness).
+"""sdbench command line.
+
+    python main.py --sweep prune [--ratios 0,0.3,0.5 ...]   # the benchmark: one CSV row per setting
+    python main.py generate --prompt "..."                   # sample images with our Stable Diffusion stack
 
 User errors (bad files, options, values) print one clear message and exit with status 2, no traceback.
 """
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bench.cli import add_sweep_args
 from stable_diffusion.config import PRESETS, get_config
 from stable_diffusion.errors import InputError, SDBenchError
 
@@ -45,7 +49,11 @@ def parse_resolution(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="Stable Diffusion v1 compression benchmark")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_model_args(parser)
+    parser.add_argument("--resolution", type=parse_resolution, help="N or WxH pixels (default: the preset's)")
+    add_sweep_args(parser)
+    parser.set_defaults(func=cmd_sweep)
+    sub = parser.add_subparsers(dest="command", metavar="{generate}")
 
     g = sub.add_parser("generate", help="text -> image (or image -> image) with our Stable Diffusion stack")
     add_model_args(g)
@@ -112,8 +120,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from bench.cli import options_from_args
+    from bench.runner import Runner, set_threads
+    from bench.sweep import SweepPlan
+
+    options = options_from_args(args, args.resolution)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    state = PartialState(cpu=args.device == "cpu")
+    set_threads(state)
+    plan = SweepPlan(options, device=state.device, is_main=state.is_main_process)
+    run_dir = Runner(plan, state).run()
+    if state.is_main_process:
+        log.info("done: %s (results.csv, manifest.json, images/, plots/)", run_dir)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None and not (args.sweep or args.config_file):
+        parser.print_help()
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

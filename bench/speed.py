@@ -62,8 +62,6 @@ def bench_unet(config: str, latent: int, batch: int, warmup: int, repeats: int) 
         f"ratio ours/diffusers {ratio:.3f}",
         flush=True,
     )
-    del ours, theirs
-    gc.collect()
     return ratio
 
 
@@ -78,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU")
     for config in args.configs.split(","):
         bench_unet(config, args.latent, args.batch, args.warmup, args.repeats)
+        gc.collect()  # free one preset's two UNets before building the next
 
 
 if __name__ == "__main__":

@@ -38,10 +38,13 @@ class LatentDiffusion(nn.Module):
     def unet(self) -> UNetModel:
         return self.model.diffusion_model
 
-    @unet.setter
-    def unet(self, module: nn.Module) -> None:
-        """Swap in a compressed (or ONNX-backed) UNet with the same call signature."""
-        self.model.diffusion_model = module
+    def swap_unet(self, module: nn.Module) -> nn.Module:
+        """Put in a compressed (or ONNX-backed) UNet with the same call signature; returns the old one.
+
+        (A property setter would not work: nn.Module.__setattr__ registers sub-modules before descriptors.)
+        """
+        old, self.model.diffusion_model = self.model.diffusion_model, module
+        return old
 
     @property
     def vae(self) -> AutoencoderKL:

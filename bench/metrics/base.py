@@ -21,6 +21,10 @@ class Metric:
         """None when the metric can run; otherwise one line saying how to enable it."""
         return None
 
+    def hints(self) -> list[str]:
+        """One line per column left empty although the metric runs (e.g. LPIPS without its backbone)."""
+        return []
+
     def protocol(self) -> dict[str, Any]:
         """How the numbers are made: N, resolution, feature weights, antialias, ..."""
         return {}

@@ -1,0 +1,101 @@
+"""Cost measurements: latency percentiles, peak memory, parameters, size on disk, FLOPs.
+
+Latency is measured after warmup over repeats and reported as p50/p90; it is only a speed claim when the
+row's `kernels` are real (a simulated quantization runs fp32 maths plus quantize-dequantize overhead).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def percentiles(xs: list[float]) -> tuple[float, float]:
+    """(p50, p90) with linear interpolation."""
+    t = torch.tensor(xs, dtype=torch.float64)
+    return torch.quantile(t, 0.5).item(), torch.quantile(t, 0.9).item()
+
+
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Seconds per call, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+class PeakRSS:
+    """Peak resident memory (bytes) of this process inside a `with` block, sampled by a thread.
+
+    `ru_maxrss` only ever grows over a process's life, so it cannot give one peak per sweep row.
+    On CUDA the allocator's own peak is reported as well.
+    """
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.peak = 0
+        self.cuda_peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process(os.getpid())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        if torch.cuda.is_available():
+            self.cuda_peak = torch.cuda.max_memory_allocated()
+
+
+def count_params(module: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of a module (float tensors in its state dict)."""
+    total = nonzero = 0
+    for v in module.state_dict().values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            total += v.numel()
+            nonzero += int(torch.count_nonzero(v))
+    return total, nonzero
+
+
+def dense_size_bytes(module: nn.Module) -> int:
+    """Bytes of the module's tensors written as a plain safetensors file (measured, not estimated)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "unet.safetensors"
+        save_file(sd, str(path))
+        return path.stat().st_size
+
+
+def flops_per_call(fn: Callable[[], object]) -> int:
+    """FLOPs counted by torch's FlopCounterMode for one call (dense count: zeros are not skipped)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()

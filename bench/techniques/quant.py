@@ -1,0 +1,345 @@
+"""Post-training quantization of the UNet: real int8/int4 CPU kernels where PyTorch has them, simulation elsewhere.
+
+Modes (axis `mode`), and what actually runs:
+
+* `dynamic-int8` - `torch.ao.quantization.quantize_dynamic`: Linear weights int8, activations quantized per
+  call to uint8 (x86/fbgemm engine, which uses a reduced 7-bit activation range); real int8 GEMMs.
+  `torch.ao.quantization` is deprecated in favour of torchao but still ships and runs the same kernels; its
+  deprecation warnings are silenced around the one call that emits them.
+* `weight-int8` / `weight-int4` - weight-only (W8A16 / W4A16): int8 per-channel or int4 group-wise weights
+  run by `aten._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu`. Those kernels take activations
+  in bf16 (`act_dtype=bf16`, the default: they are roughly as fast as an fp32 GEMM) or fp32 (exact, but a
+  slow path on CPU - tens of times slower than fp32). If a build lacks them, the same math is simulated
+  and the row says `kernels="simulated"`.
+* `static-w8a8` - W8A8 with calibrated activation ranges (observer `minmax` or `percentile`, 99.99th) on
+  Linear and Conv2d inputs. Simulated (fake quantization in fp32), so `kernels="simulated"`: latency of
+  these rows is never a speed claim.
+* `static-w8a8-timestep` - as above with one activation range per timestep group (equal ranges of t over
+  [0, 1000)), as in timestep-aware diffusion PTQ (Q-Diffusion and successors); a wrapper sets the group of
+  the current t before each call. Ranges are observed on the FP32 model (no reconstruction / AdaRound).
+
+Axes: `mode`; `bits` (a filter on weight bits - 8 or 4 - since each mode implies its bit width);
+`granularity` (`channel`/`tensor`, 8-bit weights); `group_size` (int4); `act_dtype` (weight-only);
+`layers` (`all`, `linear`, `conv`, `attn` = attention projections only; real-kernel modes quantize Linear
+only, so `all`/`conv` apply to the static modes); `observer`, `calib_prompts`, `timestep_groups` (static).
+Axes that do not apply to a mode are left out of its settings, and duplicates dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from stable_diffusion.errors import InputError
+
+from . import quant_ops as ops
+from .base import Calibration, Compressed, Setting, Technique, UNetCall, check_choice
+
+MODES = ["dynamic-int8", "weight-int8", "weight-int4", "static-w8a8", "static-w8a8-timestep"]
+STATIC_MODES = ("static-w8a8", "static-w8a8-timestep")
+WEIGHT_BITS = {"dynamic-int8": 8, "weight-int8": 8, "weight-int4": 4, "static-w8a8": 8, "static-w8a8-timestep": 8}
+LAYER_CHOICES = ["all", "linear", "conv", "attn"]
+LINEAR_ONLY = ["linear", "attn"]  # the real-kernel modes quantize nn.Linear only
+GROUP_SIZES = [32, 64, 128, 256]  # what the CPU int4 kernel accepts
+ACT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+OBSERVERS = ["minmax", "percentile"]
+PERCENTILE = 99.99
+PERCENTILE_BUDGET = 2**16  # samples kept per layer and timestep group for the percentile observer
+
+# Which axes each mode's settings carry (the rest do not apply to it).
+MODE_AXES = {
+    "dynamic-int8": ("granularity", "layers"),
+    "weight-int8": ("granularity", "layers", "act_dtype"),
+    "weight-int4": ("group_size", "layers", "act_dtype"),
+    "static-w8a8": ("granularity", "layers", "observer", "calib_prompts"),
+    "static-w8a8-timestep": ("granularity", "layers", "observer", "calib_prompts", "timestep_groups"),
+}
+DEFAULTS: dict[str, Any] = {
+    "granularity": "channel",
+    "group_size": 32,  # divides every Linear in_features of both presets (128 would skip v1-5's 320-wide ones)
+    "act_dtype": "bf16",
+    "observer": "minmax",
+    "calib_prompts": 4,
+    "timestep_groups": 4,
+}
+# Per-mode defaults where one value does not fit all modes.
+MODE_DEFAULTS: dict[str, dict[str, list[Any]]] = {
+    "dynamic-int8": {"layers": ["linear"]},
+    "weight-int8": {"layers": ["linear"]},
+    "weight-int4": {"layers": ["linear"]},
+    "static-w8a8": {"layers": ["all"], "observer": ["minmax", "percentile"]},
+    "static-w8a8-timestep": {"layers": ["all"]},
+}
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise InputError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise InputError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _check_param(axis: str, value: Any) -> Any:
+    """Validate one parameter value; InputError names the choices."""
+    if axis == "mode":
+        return check_choice(axis, value, MODES)
+    if axis == "bits":
+        return check_choice(axis, value, [8, 4])
+    if axis == "granularity":
+        return check_choice(axis, value, ["channel", "tensor"])
+    if axis == "group_size":
+        return check_choice(axis, value, GROUP_SIZES)
+    if axis == "act_dtype":
+        return check_choice(axis, value, list(ACT_DTYPES))
+    if axis == "layers":
+        return check_choice(axis, value, LAYER_CHOICES)
+    if axis == "observer":
+        return check_choice(axis, value, OBSERVERS)
+    if axis in ("calib_prompts", "timestep_groups"):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{axis} must be a positive integer, got {value!r}")
+        if axis == "timestep_groups" and value > ops.NUM_TRAIN_TIMESTEPS:
+            raise InputError(f"timestep_groups must be at most {ops.NUM_TRAIN_TIMESTEPS}, got {value}")
+        return value
+    raise InputError(f"unknown quant axis {axis!r}; choose from: mode, bits, {', '.join(DEFAULTS)}, layers")
+
+
+class Quantization(Technique):
+    """Post-training quantization; see the module docstring for the modes and what is real vs simulated."""
+
+    name = "quant"
+    needs_calibration = True
+    axes: ClassVar[dict[str, tuple[list[Any], Callable[[str], Any]]]] = {
+        "mode": (MODES, str.strip),
+        "bits": ([8, 4], _positive_int),
+        "granularity": (["channel"], str.strip),
+        "group_size": ([32], _positive_int),
+        "act_dtype": (["bf16"], str.strip),
+        "layers": (["all"], str.strip),  # default per mode: all (static), linear (real-kernel modes)
+        "observer": (["minmax"], str.strip),  # default for static-w8a8 when not given: minmax and percentile
+        "calib_prompts": ([4], _positive_int),
+        "timestep_groups": ([4], _positive_int),
+    }
+
+    def settings(self, axes: Mapping[str, list[Any]]) -> list[Setting]:
+        """One row per applicable combination; the defaults give one row per mode (two observers for static)."""
+        for axis, values in axes.items():
+            if axis not in self.axes:
+                raise InputError(f"unknown quant axis {axis!r}; choose from: {', '.join(self.axes)}")
+            for v in values:
+                _check_param(axis, v)
+        bits = axes.get("bits", [8, 4])
+        out: list[Setting] = []
+        for mode in axes.get("mode", MODES):
+            if WEIGHT_BITS[mode] not in bits:
+                continue
+            combos: list[dict[str, Any]] = [{"mode": mode}]
+            for axis in MODE_AXES[mode]:
+                values = axes.get(axis) or MODE_DEFAULTS[mode].get(axis) or [DEFAULTS[axis]]
+                if axis == "layers" and mode not in STATIC_MODES:
+                    values = [v for v in values if v in LINEAR_ONLY]
+                combos = [{**c, axis: v} for c in combos for v in values]
+            out.extend(Setting(self.name, c) for c in combos)
+        unique = list({s.id: s for s in out}.values())
+        if not unique:
+            raise InputError("no quant setting matches these axis values (e.g. layers=conv needs a static mode)")
+        return unique
+
+    def apply(self, unet: nn.Module, setting: Setting, calibration: Calibration | None = None) -> Compressed:
+        p = self._params(setting)
+        mode = p["mode"]
+        device = next(unet.parameters()).device
+        if mode not in STATIC_MODES and device.type != "cpu":
+            raise InputError(f"quant mode {mode} runs PyTorch's CPU kernels; use --device cpu (or a static mode)")
+        calls: list[UNetCall] = []
+        extra: dict[str, Any] = {"skipped_layers": 0, "timestep_groups_empty": None}
+        if mode == "dynamic-int8":
+            module, layer_errors, kernels = self._dynamic(unet, p)
+        elif mode in ("weight-int8", "weight-int4"):
+            module, layer_errors, kernels, extra["skipped_layers"] = self._weight_only(unet, p)
+        else:
+            if calibration is None:
+                raise InputError(f"quant mode {mode} needs calibration data")
+            calls = calibration.take(p["calib_prompts"])
+            if not calls:
+                raise InputError(f"calibration has no UNet calls for the first {p['calib_prompts']} prompt(s)")
+            module, layer_errors, extra["timestep_groups_empty"] = self._static(unet, p, calls)
+            kernels = "simulated"
+        act_bits = 8 if mode == "dynamic-int8" or mode in STATIC_MODES else None
+        if p.get("act_dtype") == "bf16":
+            act_bits = 16
+        fields = {
+            "mode": mode,
+            "bits_weights": WEIGHT_BITS[mode],
+            "bits_activations": act_bits,
+            "kernels": kernels,
+            "quantized_layers": len(layer_errors),
+            **extra,
+            "calib_prompts": p.get("calib_prompts"),
+            "calib_calls": len(calls) if mode in STATIC_MODES else None,
+            "size_bytes": measured_size_bytes(module),
+            "weight_error_max_rel": max(layer_errors, default=0.0),
+        }
+        return Compressed(module, fields)
+
+    @staticmethod
+    def _params(setting: Setting) -> dict[str, Any]:
+        """The setting's params, validated, with defaults filled in for the mode's axes."""
+        if setting.technique != Quantization.name:
+            raise InputError(f"setting {setting.id} is not a quant setting")
+        params = dict(setting.params)
+        mode = _check_param("mode", params.get("mode"))
+        for axis, value in params.items():
+            _check_param(axis, value)
+            if axis != "mode" and axis not in MODE_AXES[mode]:
+                raise InputError(f"{axis} does not apply to quant mode {mode}")
+        for axis in MODE_AXES[mode]:
+            params.setdefault(axis, MODE_DEFAULTS[mode].get(axis, [DEFAULTS.get(axis)])[0])
+        if mode not in STATIC_MODES and params["layers"] not in LINEAR_ONLY:
+            raise InputError(f"quant mode {mode} quantizes Linear layers only; layers must be one of: linear, attn")
+        return params
+
+    # ------------------------------------------------------------------------------------------------ modes
+
+    @staticmethod
+    def _dynamic(unet: nn.Module, p: dict[str, Any]) -> tuple[nn.Module, list[float], str]:
+        """Real int8 GEMMs via the deprecated-but-present eager dynamic quantization (x86 engine)."""
+        aq = torch.ao.quantization
+        qconfig = aq.per_channel_dynamic_qconfig if p["granularity"] == "channel" else aq.default_dynamic_qconfig
+        targets = dict(select_layers(unet, p["layers"]))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_")
+            with torch.no_grad():
+                aq.quantize_dynamic(unet, dict.fromkeys(targets, qconfig), dtype=torch.qint8, inplace=True)
+        errors = []
+        for name, old in targets.items():
+            new = unet.get_submodule(name)
+            if not isinstance(new, torch.ao.nn.quantized.dynamic.Linear):
+                raise RuntimeError(f"dynamic quantization left {name} unquantized")
+            errors.append(ops.relative_error(old.weight, new.weight().dequantize()))
+        return unet, errors, "int8"
+
+    @staticmethod
+    def _weight_only(unet: nn.Module, p: dict[str, Any]) -> tuple[nn.Module, list[float], str, int]:
+        """Replace each selected Linear by a `WeightOnlyLinear` (real kernel if this torch runs it)."""
+        bits = WEIGHT_BITS[p["mode"]]
+        act_dtype = ACT_DTYPES[p["act_dtype"]]
+        real = ops.kernel_usable(bits, act_dtype)
+        per_channel = p.get("granularity") != "tensor"
+        errors, skipped = [], 0
+        for name, layer in select_layers(unet, p["layers"]):
+            n, k = layer.weight.shape
+            if bits == 4 and (k % p["group_size"] or (real and n % 16)):
+                skipped += 1  # stays FP32: the group must divide in_features, the kernel needs N % 16 == 0
+                continue
+            with torch.no_grad():
+                new = ops.WeightOnlyLinear(layer, bits, per_channel, p.get("group_size", 0), act_dtype, real)
+            replace(unet, name, new)
+            errors.append(new.weight_error)
+        return unet, errors, f"int{bits}-weight-only" if real else "simulated", skipped
+
+    @staticmethod
+    def _static(unet: nn.Module, p: dict[str, Any], calls: list[UNetCall]) -> tuple[nn.Module, list[float], int]:
+        """Calibrate activation ranges on the FP32 model, then swap in fake-quant layers."""
+        n_groups = p.get("timestep_groups", 1)
+        targets = select_layers(unet, p["layers"])
+        ranges, empty = calibrate(unet, targets, calls, p["observer"], n_groups)
+        state = ops.TimestepState() if n_groups > 1 else None
+        errors = []
+        with torch.no_grad():
+            for name, layer in targets:
+                new = ops.FakeQuantLayer(layer, p["granularity"] == "channel", ranges[name], state)
+                replace(unet, name, new)
+                errors.append(new.weight_error)
+        module = ops.TimestepAwareUNet(unet, state, n_groups) if state is not None else unet
+        return module, errors, empty
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def select_layers(unet: nn.Module, layers: str) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs to quantize: Linear, Conv2d, both, or the attention projections only."""
+    out = []
+    for name, mod in unet.named_modules():
+        is_linear, is_conv = isinstance(mod, nn.Linear), isinstance(mod, nn.Conv2d)
+        if layers == "attn":
+            keep = is_linear and (".attn1." in f".{name}" or ".attn2." in f".{name}")
+        else:
+            keep = {"all": is_linear or is_conv, "linear": is_linear, "conv": is_conv}[layers]
+        if keep:
+            out.append((name, mod))
+    if not out:
+        raise InputError(f"no {layers} layers to quantize in this model")
+    return out
+
+
+def replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def calibrate(
+    unet: nn.Module, targets: list[tuple[str, nn.Module]], calls: list[UNetCall], observer: str, n_groups: int
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Run the calibration calls through the FP32 UNet and observe every target layer's input.
+
+    Returns per layer a [n_groups, 2] tensor of (lo, hi) and the number of timestep groups that no call
+    fell into; those groups get the range observed over all calls.
+    """
+    call_groups = [ops.timestep_group(c.t, n_groups, c.x.shape[0]) for c in calls]
+    per_group = torch.bincount(torch.cat(call_groups), minlength=n_groups).tolist()
+    gen = torch.Generator().manual_seed(0)
+
+    def make(g: int) -> ops.MinMaxObserver | ops.PercentileObserver:
+        if observer == "minmax":
+            return ops.MinMaxObserver()
+        return ops.PercentileObserver(PERCENTILE, max(256, PERCENTILE_BUDGET // max(1, per_group[g])), gen)
+
+    observers = {name: [make(g) for g in range(n_groups)] for name, _ in targets}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def observe(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x, groups = args[0], current["groups"].to(args[0].device)
+            present = groups.unique().tolist()
+            for g in present:
+                observers[name][g].update(x if len(present) == 1 else x[groups == g])
+
+        return observe
+
+    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in targets]
+    try:
+        with torch.inference_mode():
+            for call, groups in zip(calls, call_groups, strict=True):
+                current["groups"] = groups
+                unet(call.x, call.t, call.context)
+    finally:
+        for h in handles:
+            h.remove()
+
+    ranges = {}
+    for name, obs in observers.items():
+        seen = [o for o in obs if o.count]
+        fallback = type(seen[0]).merged(seen) if len(seen) < len(obs) else None
+        ranges[name] = torch.tensor([o.range() if o.count else fallback for o in obs])
+    return ranges, sum(1 for n in per_group if n == 0)
+
+
+def measured_size_bytes(module: nn.Module) -> int:
+    """Bytes on disk of the quantized weights (codes, scales, remaining fp32 tensors) saved as safetensors."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "quantized.safetensors")
+        save_file(ops.export_state(module), path)
+        return os.path.getsize(path)
