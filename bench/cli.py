@@ -62,6 +62,7 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sweep", help=f"technique(s) to sweep: {', '.join(ALL_TECHNIQUES)}, all, or a comma list")
     g.add_argument("--config-file", type=Path, help="TOML file with [sweep] options and [prune]/[quant] axes")
     g.add_argument("--resume", action="store_true", help="continue a run (re-running the same command does too)")
+    g.add_argument("--setting", dest="only", action="append", help="run only this setting id (repeatable)")
     g.add_argument("--allow-download", action="store_true", help="let metrics download missing weights")
     for flag, typ, help_text in RUN_FLAGS:
         g.add_argument(flag, type=typ, help=help_text)

@@ -388,9 +388,9 @@ _SWEEP_HEADER = """\
 # W&B sweep for `main.py --sweep {technique}`: spreads the settings of one grid over machines.
 #   wandb sweep {name}        # prints a sweep ID
 #   wandb agent <ID>          # on each machine; each agent runs settings one by one
-# Each agent writes its rows into its own results dir; if the machines share a filesystem, pass the same
-# --run-id in the base arguments to keep all rows of this sweep in one results/<run_id>/results.csv.
-# W&B passes one value per axis as --<axis>=<value> (the CLI accepts one value or a comma list).
+# Each agent gets one `--setting=<id>` (or one value per axis as --<axis>=<value>) and also computes the
+# FP32 baseline it compares against. The command keeps this run's --run-id: on a shared filesystem all rows
+# land in one results/<run_id>/results.csv (run the baseline first so agents reuse it instead of racing).
 """
 
 
@@ -402,7 +402,8 @@ def write_wandb_sweep(
     parameters: dict[str, Any] = {}
     for axis, values in axes.items():
         values = [v if isinstance(v, bool | int | float) else str(v) for v in values]
-        if not values or any(isinstance(v, str) and "," in v for v in values):
+        splits = axis != "setting"  # --setting takes one whole setting id; axis flags split on commas
+        if not values or (splits and any(isinstance(v, str) and "," in v for v in values)):
             raise ValueError(f"sweep axis {axis!r} needs values without commas (the CLI splits on them)")
         parameters[axis.replace("_", "-")] = {"values": values}
     spec = {

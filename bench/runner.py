@@ -147,7 +147,9 @@ class Runner:
         return cost.count_params(self.base_unet)[0], cost.dense_size_bytes(self.base_unet)
 
     def quality(self, images: list[np.ndarray]) -> dict[str, object]:
-        pixels, base = (torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).contiguous() / 255 for a in (images, self.baseline))
+        pixels, base = (
+            torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).contiguous() / 255 for a in (images, self.baseline)
+        )
         values: dict[str, object] = {}
         for metric in self.plan.metrics:
             if metric.unavailable() is None:

@@ -29,7 +29,7 @@ from . import report
 from .data import COCO_DIR, PromptSet, ReferenceSet, file_sha256, load_prompts, load_reference
 from .metrics.base import Metric
 from .techniques import technique_class
-from .techniques.base import Setting, Technique
+from .techniques.base import Setting, Technique, parse_setting_id
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class SweepOptions:
     resolution: tuple[int, int] | None = None  # (height, width)
     out: Path = REPO_ROOT / "results"
     run_id: str | None = None
+    only: list[str] = field(default_factory=list)  # run just these setting ids (W&B sweep agents)
     resume: bool = False
     reference: Path | None = None
     reference_captions: Path | None = None
@@ -131,6 +132,15 @@ def build_metrics(o: SweepOptions, reference: ReferenceSet, size: tuple[int, int
     ]
 
 
+def _parse_axis(technique: Technique, axis: str, value: str) -> list[Any]:
+    if axis not in technique.axes:
+        raise InputError(f"{technique.name} has no parameter {axis!r}; it has: {', '.join(technique.axes)}")
+    try:
+        return [technique.axes[axis][1](value)]
+    except (TypeError, ValueError):
+        raise InputError(f"bad value {value!r} for {technique.name} parameter {axis!r}") from None
+
+
 class SweepPlan:
     """Everything resolved before the first row: model, prompts, settings, metrics, run folder."""
 
@@ -138,7 +148,9 @@ class SweepPlan:
         o = self.options = options
         self.techniques: dict[str, Technique] = {name: technique_class(name)() for name in o.techniques}
         self.settings = [Setting("baseline")]
-        for technique in self.techniques.values():
+        if o.only:
+            self.settings += [self._one_setting(text) for text in o.only if text != "baseline"]
+        for technique in self.techniques.values() if not o.only else []:
             given = {k: v for k, v in o.axes.items() if k in technique.axes}
             self.settings += [s for s in technique.settings(given) if s.id not in {x.id for x in self.settings}]
 
@@ -169,6 +181,18 @@ class SweepPlan:
             raise InputError(f"cannot write to output folder {self.run_dir}: {e}; pass a writable --out") from None
         if is_main:
             self._write_manifest()
+
+    def _one_setting(self, text: str) -> Setting:
+        """The setting a `--setting ID` names, rebuilt through its technique (so it is validated)."""
+        name, raw = parse_setting_id(text)
+        if name not in self.techniques:
+            raise InputError(f"--setting {text!r} is not a setting of --sweep {','.join(self.techniques)}")
+        technique = self.techniques[name]
+        axes = {k: _parse_axis(technique, k, v) for k, v in raw.items()}
+        match = [s for s in technique.settings(axes) if s.id == text]
+        if not match:
+            raise InputError(f"--setting {text!r} is not a valid {name} setting")
+        return match[0]
 
     def _load_model(self, device: torch.device | str) -> StableDiffusion:
         o = self.options
@@ -235,10 +259,11 @@ class SweepPlan:
     def finish(self, rows: list[dict[str, str]], plots: list[Path]) -> None:
         """W&B run (offline by default), W&B sweep configs for spreading settings over machines."""
         o = self.options
-        for name, technique in self.techniques.items():
-            axes = {k: [s.params.get(k) for s in self.settings if s.technique == name] for k in technique.axes}
-            axes = {k: sorted({v for v in vs if v is not None}, key=str) for k, vs in axes.items()}
-            report.write_wandb_sweep(self.run_dir / f"wandb_sweep_{name}.yaml", name, axes, self.base_args())
+        for name in self.techniques:
+            ids = [s.id for s in self.settings if s.technique == name]
+            if ids:
+                path = self.run_dir / f"wandb_sweep_{name}.yaml"
+                report.write_wandb_sweep(path, name, {"setting": ids}, self.base_args())
         grids = {s.id: self.run_dir / "images" / f"{s.slug}-grid.png" for s in self.settings}
         if o.wandb_mode != "disabled":
             where = report.log_wandb(

@@ -148,3 +148,28 @@ def test_bad_input(tmp_path, caplog, args, words):
     assert main.main(argv) == 2
     assert words in caplog.text
     assert not list(tmp_path.glob("out/*/results.csv"))  # nothing half-written
+
+
+def test_quant_sweep_from_config_file(tmp_path):
+    config = tmp_path / "sweep.toml"
+    config.write_text(
+        '[sweep]\ntechniques = ["quant"]\nnum_images = 2\nsteps = 2\nlatency_repeats = 1\nwandb_mode = "disabled"\n'
+        '[quant]\nmode = ["dynamic-int8", "static-w8a8-timestep"]\ncalib_prompts = [2]\n'
+    )
+    proc = run_main("--config-file", str(config), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["setting_id"].split("mode=")[-1].rstrip("]").split(",")[0]: r for r in rows_of(tmp_path / "out")}
+    assert set(rows) == {"baseline", "dynamic-int8", "static-w8a8-timestep"}
+    assert rows["dynamic-int8"]["kernels"] == "int8"
+    assert (
+        rows["static-w8a8-timestep"]["kernels"] == "simulated" and rows["static-w8a8-timestep"]["calib_prompts"] == "2"
+    )
+    for mode in ("dynamic-int8", "static-w8a8-timestep"):
+        assert 0 < float(rows[mode]["psnr"]) < float("inf") and int(rows[mode]["size_bytes"]) > 0
+
+
+def test_single_setting_for_sweep_agents(tmp_path):
+    setting = "prune[method=random,ratio=0.25,scope=layer,target=attn]"
+    proc = run_main("--sweep", "prune", "--setting", setting, "--out", str(tmp_path), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["setting_id"] for r in rows_of(tmp_path)] == ["baseline", setting]

@@ -91,6 +91,19 @@ class Technique:
         raise NotImplementedError
 
 
+def parse_setting_id(text: str) -> tuple[str, dict[str, str]]:
+    """`prune[method=l1,ratio=0.3]` -> ("prune", {"method": "l1", "ratio": "0.3"}) (values still strings)."""
+    name, _, rest = text.partition("[")
+    if not rest:
+        return name, {}
+    if not rest.endswith("]"):
+        raise InputError(f"bad setting id {text!r}: expected technique[key=value,...]")
+    pairs = [p.partition("=") for p in rest[:-1].split(",") if p]
+    if any(not sep for _, sep, _ in pairs):
+        raise InputError(f"bad setting id {text!r}: expected technique[key=value,...]")
+    return name, {k: v for k, _, v in pairs}
+
+
 def grid(axes: Mapping[str, list[Any]]) -> Iterator[dict[str, Any]]:
     """Cartesian product of axis values, in a stable order."""
     keys = list(axes)
