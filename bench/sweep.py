@@ -58,7 +58,7 @@ class SweepOptions:
     dtype: str = "fp32"
     device: str | None = None
     prompts: str = "coco"
-    num_images: int = 8
+    num_images: int = 16
     steps: int = 20
     sampler: str = "ddim"
     guidance: float = 7.5
