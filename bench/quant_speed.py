@@ -12,7 +12,6 @@ are listed, never timed as a speed claim.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import statistics
@@ -21,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from bench.speed import p90, time_calls
+from bench.speed import benchmark_parser, p90, time_calls
 from bench.techniques.base import Setting
 from bench.techniques.quant import STATIC_MODES, Quantization
 from stable_diffusion.config import get_config
@@ -74,12 +73,7 @@ def bench_config(config: str, latent: int, batch: int, warmup: int, repeats: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="tiny,v1-5")
-    p.add_argument("--latent", type=int, default=32, help="latent side (64 = 512 px for v1-5)")
-    p.add_argument("--batch", type=int, default=2, help="2 = one prompt with classifier-free guidance")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=10)
+    p = benchmark_parser(__doc__)
     p.add_argument("--act-dtypes", default="bf16", help="weight-only kernel activation dtypes: bf16, fp32 (slow)")
     args = p.parse_args(argv)
     cpu = torch.backends.cpu.get_cpu_capability()

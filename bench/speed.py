@@ -65,14 +65,19 @@ def bench_unet(config: str, latent: int, batch: int, warmup: int, repeats: int) 
     return ratio
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every UNet-step benchmark shares (presets, latent size, batch, warmup, repeats)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="tiny,v1-5")
     p.add_argument("--latent", type=int, default=32, help="latent side (64 = 512 px for v1-5)")
     p.add_argument("--batch", type=int, default=2, help="2 = one prompt with classifier-free guidance")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = benchmark_parser(__doc__).parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU")
     for config in args.configs.split(","):
         bench_unet(config, args.latent, args.batch, args.warmup, args.repeats)

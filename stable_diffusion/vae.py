@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
+from .unet import Upsample  # the same nearest-x2 + 3x3 conv, with the same `conv` key
 
 
 def normalize(ch: int, groups: int) -> nn.GroupNorm:
@@ -59,15 +60,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as CompVis
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Mid(nn.Module):
