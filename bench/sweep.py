@@ -33,7 +33,7 @@ from .techniques.base import Setting, Technique, parse_setting_id
 
 log = logging.getLogger(__name__)
 
-ALL_TECHNIQUES = ["prune", "quant"]
+ALL_TECHNIQUES = ["prune", "quant", "onnx"]
 PACKAGES = [
     "torch",
     "diffusers",

@@ -12,6 +12,7 @@ from .base import Technique
 REGISTRY = {
     "prune": "bench.techniques.prune:Pruning",
     "quant": "bench.techniques.quant:Quantization",
+    "onnx": "bench.techniques.onnx:OnnxRuntime",
 }
 
 
