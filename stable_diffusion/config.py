@@ -133,7 +133,8 @@ V1_5 = SDConfig(name="v1-5")
 TINY = SDConfig(
     name="tiny",
     clip=CLIPConfig(width=64, layers=2, heads=2),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+    # 8 groups (4 channels each, as in v1): with 32 groups of one channel, GroupNorm erases absolute colour
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, groups=8),
     unet=UNetConfig(
         model_channels=32,
         channel_mult=(1, 2, 2),
@@ -141,6 +142,7 @@ TINY = SDConfig(
         attention_resolutions=(2, 1),
         num_heads=4,
         context_dim=64,
+        groups=8,
     ),
     resolution=64,
 )

@@ -18,6 +18,7 @@ def diffusers_unet(cfg: SDConfig, state_dict: dict[str, torch.Tensor]):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
     config = create_unet_diffusers_config_from_ldm(cfg.to_ldm_config(), state_dict)
+    config["norm_num_groups"] = cfg.unet.groups
     model = UNet2DConditionModel(**config)
     model.load_state_dict(convert_ldm_unet_checkpoint(state_dict, config), strict=True)
     return model.eval()
