@@ -79,6 +79,10 @@ def load_reference(folder: str | Path = COCO_DIR / "images", captions: str | Pat
     return ReferenceSet(paths, [by_name[p.name] for p in paths], h.hexdigest())
 
 
+def _text_sha256(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
 def _read_prompt_file(path: Path) -> list[str]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".tsv":
@@ -91,11 +95,19 @@ def _read_prompt_file(path: Path) -> list[str]:
 
 
 def load_prompts(spec: str, reference: ReferenceSet | None = None, caption_index: int = 0) -> PromptSet:
-    """`coco` (captions of the reference set), `parti` (PartiPrompts), or a .txt/.tsv/.json file."""
+    """`shapes` (built-in dataset), `coco` (captions of the reference set), `parti`, or a .txt/.tsv/.json file.
+
+    caption_index 1 selects the calibration prompts: COCO's second captions, or shapes' train-split captions.
+    """
     if spec == "coco":
         ref = reference or load_reference()
         prompts = [c[min(caption_index, len(c) - 1)] for c in ref.captions]
         return PromptSet(f"coco[caption {caption_index}]", prompts, ref.sha256)
+    if spec == "shapes":  # held-out captions of the built-in dataset: what the embedded model was trained for
+        from stable_diffusion.shapes import captions
+
+        prompts = captions("heldout" if caption_index == 0 else "train", 1000, seed=caption_index)
+        return PromptSet(f"shapes-{'heldout' if caption_index == 0 else 'train'}", prompts, _text_sha256(prompts))
     path = PARTI if spec == "parti" else Path(spec)
     if not path.is_file():
         raise InputError(f"prompt file {path} does not exist; use coco, parti or a .txt/.tsv/.json file")

@@ -32,7 +32,8 @@ _NOT_METRICS = {
     "run_id", "setting_id", "technique", "params", "backend", "kernels", "status", "model", "n_images",
     "resolution", "sampler", "steps", "guidance", "seed", "prompts", "ratio", "mode", "bits_weights",
     "bits_activations", "calib_prompts", "fid_ci_low", "fid_ci_high", "fid_n", "fid_features",
-    "clip_score_std", "clip_model", "extra", "unet_params", "size_dense_bytes",
+    "clip_score_std", "clip_model", "extra", "unet_params", "size_dense_bytes", "prompt_acc_n", "shapes_fid_ci_low",
+    "shapes_fid_ci_high", "shapes_fid_n", "shapes_fid_features",
 }  # fmt: skip
 # metric -> (axis label with unit, scale applied to the value before plotting)
 _LABELS: dict[str, tuple[str, float]] = {
@@ -48,8 +49,10 @@ _LABELS: dict[str, tuple[str, float]] = {
     "peak_rss_mb": ("peak RSS (MB)", 1.0), "nonzeros": ("non-zero UNet parameters (M)", 1e-6),
     "gflops_per_step": ("GFLOPs per UNet call", 1.0), "weight_error_max_rel": ("max relative weight error", 1.0),
     "nonfinite_images": ("images with NaN/Inf", 1.0),
+    "prompt_accuracy": ("prompt accuracy, all attributes (shapes classifier)", 1.0),
+    "shapes_fid": ("shapes-FID vs held-out generator images", 1.0),
 }  # fmt: skip
-_LOWER_IS_BETTER = {"fid", "lpips", "mse"}
+_LOWER_IS_BETTER = {"fid", "lpips", "mse", "shapes_fid"}
 _PROTOCOL = [("n_images", "{} images"), ("resolution", "{}"), ("sampler", "{}"), ("steps", "{} steps"),
              ("guidance", "guidance {}"), ("seed", "seed {}")]  # fmt: skip
 _MARKERS = ["o", "s", "^", "D", "v", "P"]

@@ -54,6 +54,18 @@ COLUMNS: list[tuple[str, str]] = [
     ("clip_score", "100 * cos(image, text), torchmetrics semantics (empty without CLIP weights)"),
     ("clip_score_std", "std over images"),
     ("clip_model", "open_clip model and weights sha256 prefix"),
+    # in-domain stand-ins from the built-in shapes dataset (issue #6): need no download
+    ("prompt_accuracy", "images whose shapes-classifier attributes all match the prompt (chance 1/1800)"),
+    *[
+        (f"prompt_acc_{h}", f"prompt accuracy of the {h} attribute alone")
+        for h in ("shape", "colour", "size", "count", "position", "background")
+    ],
+    ("prompt_acc_n", "prompts parsed as shapes captions"),
+    ("shapes_fid", "FID on shapes-classifier features vs held-out generator images (not comparable with FID)"),
+    ("shapes_fid_ci_low", "bootstrap 95% CI, low"),
+    ("shapes_fid_ci_high", "bootstrap 95% CI, high"),
+    ("shapes_fid_n", "generated images in the shapes-FID"),
+    ("shapes_fid_features", "shapes-classifier weights sha256 prefix"),
     # cost
     ("latency_step_p50_ms", "one UNet call (batch 2 = one image with guidance), median after warmup"),
     ("latency_step_p90_ms", "90th percentile of the same"),

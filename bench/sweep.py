@@ -57,7 +57,7 @@ class SweepOptions:
     unsafe_load: bool = False
     dtype: str = "fp32"
     device: str | None = None
-    prompts: str = "coco"
+    prompts: str = "shapes"
     num_images: int = 16
     steps: int = 20
     sampler: str = "ddim"
@@ -123,12 +123,15 @@ def build_metrics(o: SweepOptions, reference: ReferenceSet, size: tuple[int, int
     from .metrics.clip_score import CLIPScore
     from .metrics.fid import FID
     from .metrics.fidelity import Fidelity
+    from .metrics.shapes import PromptAccuracy, shapes_fid
 
     cache = REPO_ROOT / "data" / "cache" / "fid"
     return [
         Fidelity(lpips_weights=o.lpips_weights, allow_download=o.allow_download),
         FID(weights_path=o.fid_weights, reference=reference, cache_dir=cache, allow_download=o.allow_download),
         CLIPScore(model_name=o.clip_model, weights_path=o.clip_weights, allow_download=o.allow_download),
+        PromptAccuracy(),
+        shapes_fid(n_reference=256, cache_dir=cache),
     ]
 
 
@@ -169,7 +172,8 @@ class SweepPlan:
         self.prompts = prompt_set.prompts[: o.num_images]
         self.seeds = [o.seed + i for i in range(o.num_images)]
         n_calib = max([int(s.params.get("calib_prompts", 0)) for s in self.settings] + [0])
-        self.calibration_prompts = load_prompts("coco", self.reference, caption_index=1).prompts[:n_calib]
+        calib_source = "shapes" if o.prompts == "shapes" else "coco"
+        self.calibration_prompts = load_prompts(calib_source, self.reference, caption_index=1).prompts[:n_calib]
         self.metrics = build_metrics(o, self.reference, (o.height, o.width))
 
         self.model_sha256 = file_sha256(self.checkpoint)

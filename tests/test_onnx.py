@@ -38,6 +38,7 @@ from bench.runner import Recorder
 from bench.techniques import onnx as onnx_technique
 from bench.techniques.base import Calibration, Setting
 from bench.techniques.onnx import OnnxRuntime
+from stable_diffusion.defaults import embedded_checkpoint
 from stable_diffusion.errors import CheckpointError, InputError
 from stable_diffusion.pipeline import StableDiffusion
 
@@ -230,6 +231,7 @@ def test_settings_defaults_and_bad_values(monkeypatch):
 def test_sweep_onnx_end_to_end(cache, unet_export, tmp_path):
     args = ["--sweep", "onnx", "--onnx-mode", "fp32,dynamic-int8", "--num-images", "2", "--steps", "2"]
     args += ["--latency-repeats", "1", "--wandb-mode", "disabled", "--out", str(tmp_path)]
+    args += ["--checkpoint", str(embedded_checkpoint(trained=False))]  # the fixture's weights: a cache hit
     env = {**os.environ, CACHE_ENV: str(cache), "WANDB_SILENT": "true"}
     proc = subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
