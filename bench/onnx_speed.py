@@ -15,7 +15,6 @@ export). Exports go to a temporary cache, deleted at exit, so their cost is meas
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import os
@@ -32,7 +31,7 @@ import torch
 from bench.cost import PeakRSS
 from bench.onnx_backend import MODES, OrtUNet, int4_unavailable, quantize, quantized_nodes
 from bench.onnx_export import export_unet, model_size_bytes
-from bench.speed import p90, time_calls
+from bench.speed import benchmark_parser, p90, time_calls
 from bench.techniques.base import UNetCall
 from stable_diffusion.config import get_config
 from stable_diffusion.unet import UNetModel
@@ -102,12 +101,8 @@ def bench_config(config: str, latent: int, batch: int, warmup: int, repeats: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="tiny,v1-5")
-    p.add_argument("--latent", type=int, default=32, help="latent side (64 = 512 px for v1-5)")
-    p.add_argument("--batch", type=int, default=2, help="2 = one prompt with classifier-free guidance")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=6)
+    p = benchmark_parser(__doc__)
+    p.set_defaults(warmup=1, repeats=6)
     p.add_argument("--modes", default=",".join(m for m in MODES if m != "fp32"))
     p.add_argument("--calib-calls", type=int, default=4, help="random calibration calls for static-int8")
     args = p.parse_args(argv)
