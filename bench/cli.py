@@ -17,6 +17,7 @@ from stable_diffusion.errors import InputError
 
 from .sweep import ALL_TECHNIQUES, SweepOptions
 from .techniques import technique_class
+from .techniques.base import parse_axis
 
 PATH_FIELDS = {
     "checkpoint",
@@ -72,17 +73,6 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
         a.add_argument(*flags, dest=f"axis_{axis}", help=f"default: {','.join(map(str, defaults))}")
 
 
-def _parse_axis(axis: str, raw: Any, parser: Any) -> list[Any]:
-    values = raw if isinstance(raw, list) else str(raw).split(",")
-    out = []
-    for v in values:
-        try:
-            out.append(parser(v) if isinstance(v, str) else v)
-        except (TypeError, ValueError):
-            raise InputError(f"bad value {v!r} for --{axis.replace('_', '-')}") from None
-    return out
-
-
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
@@ -123,9 +113,9 @@ def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | No
         for axis, raw in file.get(name, {}).items():
             if axis not in axes_spec:
                 raise InputError(f"unknown axis {axis!r} in [{name}] of {args.config_file}")
-            axes[axis] = _parse_axis(axis, raw, axes_spec[axis][1])
+            axes[axis] = parse_axis(axis, raw, axes_spec[axis][1])
     for axis, (_, parser) in axes_spec.items():
         raw = getattr(args, f"axis_{axis}")
         if raw is not None:
-            axes[axis] = _parse_axis(axis, raw, parser)
+            axes[axis] = parse_axis(axis, raw, parser)
     return SweepOptions(axes=axes, **run)

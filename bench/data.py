@@ -45,12 +45,9 @@ class ReferenceSet:
         return [Image.open(p).convert("RGB") for p in self.images[:n]]
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_reference(folder: str | Path = COCO_DIR / "images", captions: str | Path | None = None) -> ReferenceSet:

@@ -144,7 +144,7 @@ class Runner:
     @functools.cached_property
     def base_counts(self) -> tuple[int, int]:
         """(parameters, dense safetensors bytes) of the uncompressed UNet."""
-        return cost.count_params(self.base_unet)[0], cost.dense_size_bytes(self.base_unet)
+        return cost.count_params(self.base_unet)[0], cost.dense_size_bytes(self.base_unet.state_dict())
 
     def quality(self, images: list[np.ndarray]) -> dict[str, object]:
         pixels, base = (

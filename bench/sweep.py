@@ -29,7 +29,7 @@ from . import report
 from .data import COCO_DIR, PromptSet, ReferenceSet, file_sha256, load_prompts, load_reference
 from .metrics.base import Metric
 from .techniques import technique_class
-from .techniques.base import Setting, Technique, parse_setting_id
+from .techniques.base import Setting, Technique, parse_axis, parse_setting_id
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +138,7 @@ def build_metrics(o: SweepOptions, reference: ReferenceSet, size: tuple[int, int
 def _parse_axis(technique: Technique, axis: str, value: str) -> list[Any]:
     if axis not in technique.axes:
         raise InputError(f"{technique.name} has no parameter {axis!r}; it has: {', '.join(technique.axes)}")
-    try:
-        return [technique.axes[axis][1](value)]
-    except (TypeError, ValueError):
-        raise InputError(f"bad value {value!r} for {technique.name} parameter {axis!r}") from None
+    return parse_axis(axis, value, technique.axes[axis][1])
 
 
 class SweepPlan:

@@ -27,16 +27,20 @@ def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
+def alphas_cumprod(cfg: SDConfig) -> torch.Tensor:
+    """The v1 schedule: scaled_linear betas (linspace of square roots, squared), cumulative alpha products."""
+    betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
 class Sampler:
     """The v1 noise schedule and the interface the pipeline uses; subclasses implement `_step`."""
 
     order: int = 1
 
     def __init__(self, cfg: SDConfig) -> None:
-        n = cfg.num_train_timesteps
-        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=torch.float32) ** 2
-        self.num_train_timesteps = n
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.num_train_timesteps = cfg.num_train_timesteps
+        self.alphas_cumprod = alphas_cumprod(cfg)
         self.final_alpha_cumprod = self.alphas_cumprod[0]  # set_alpha_to_one=False
         self.num_steps = 0
         self.timesteps = torch.empty(0, dtype=torch.int64)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .checkpoint import save_checkpoint
 from .config import SDConfig, get_config
 from .model import LatentDiffusion
+from .samplers import alphas_cumprod
 from .shapes import ShapesDataset
 from .tokenizer import CLIPTokenizer
 
@@ -197,8 +198,7 @@ class Trainer:
         self.ema = EMA(self._diffusion_modules(), tc.ema_decay)
         self.tokenizer = CLIPTokenizer(max_length=self.cfg.clip.max_length)
         self._pool: Pool | None = None
-        betas = torch.linspace(self.cfg.beta_start**0.5, self.cfg.beta_end**0.5, self.cfg.num_train_timesteps) ** 2
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+        self.alphas_cumprod = alphas_cumprod(self.cfg)
 
     def _diffusion_modules(self) -> nn.ModuleDict:
         return nn.ModuleDict({"unet": self.model.unet, "text": self.model.text_encoder})

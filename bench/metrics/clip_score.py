@@ -10,19 +10,14 @@ per-image scores.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from ..data import file_sha256
 from .base import Metric
-
-
-def _file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class CLIPScore(Metric):
@@ -77,7 +72,7 @@ class CLIPScore(Metric):
         if self.weights_path is None:
             return f"open_clip:{self.download_tag}"
         if self._weights_sha is None:
-            self._weights_sha = _file_sha256(self.weights_path)
+            self._weights_sha = file_sha256(self.weights_path)
         return self._weights_sha
 
     def model_id(self) -> str:

@@ -24,16 +24,12 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchvision.transforms.functional import pil_to_tensor
 
+from ..data import file_sha256
 from .base import Metric
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's file; torch-fidelity's has the same keys
 PREPROCESS = "center-crop to the generated aspect, PIL bicubic resize to the generated size, uint8"
 ImageLike = Image.Image | str | Path
-
-
-def _file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -144,9 +140,9 @@ class FID(Metric):
                     h.update(key.encode() + value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
                 self._weights_sha = h.hexdigest()
             elif self.weights_path is not None:
-                self._weights_sha = _file_sha256(self.weights_path) if self.weights_path.is_file() else None
+                self._weights_sha = file_sha256(self.weights_path) if self.weights_path.is_file() else None
             elif self._hub_file().is_file():
-                self._weights_sha = _file_sha256(self._hub_file())
+                self._weights_sha = file_sha256(self._hub_file())
         return self._weights_sha
 
     def protocol(self) -> dict[str, Any]:
@@ -212,7 +208,7 @@ class FID(Metric):
                 if isinstance(item, Image.Image):
                     h.update(f"{item.mode}{item.size}".encode() + item.tobytes())
                 else:
-                    h.update(_file_sha256(item).encode())
+                    h.update(file_sha256(item).encode())
             self._reference_sha = h.hexdigest()
         return self._reference_sha
 

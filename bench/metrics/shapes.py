@@ -15,7 +15,6 @@ default) and prompts written in its caption language; they are NOT comparable wi
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 
 from stable_diffusion.shapes import VOCAB, ShapesDataset, parse_caption
 
+from ..data import file_sha256
 from .base import Metric
 from .fid import FID
 
@@ -36,11 +36,6 @@ def _weights_path() -> Path:
     from bench.shapes_classifier import WEIGHTS
 
     return WEIGHTS
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class PromptAccuracy(Metric):
@@ -68,7 +63,7 @@ class PromptAccuracy(Metric):
         ok = self.unavailable() is None
         return {
             "classifier": "bench.shapes_classifier.ShapesClassifier",
-            "weights_sha256": _sha256(self.weights_path) if ok else None,
+            "weights_sha256": file_sha256(self.weights_path) if ok else None,
             "n_images": self._n,
             "preprocess": "round(x * 255) / 255, bilinear antialiased resize to 64x64 if needed",
             "score": "fraction of images with all of " + ", ".join(HEADS) + " predicted as the prompt says",

@@ -91,6 +91,18 @@ class Technique:
         raise NotImplementedError
 
 
+def parse_axis(axis: str, raw: Any, parser: Callable[[str], Any]) -> list[Any]:
+    """One value or a comma list (or a TOML list) for a sweep axis, each parsed; InputError on a bad one."""
+    values = raw if isinstance(raw, list) else str(raw).split(",")
+    out = []
+    for v in values:
+        try:
+            out.append(parser(v) if isinstance(v, str) else v)
+        except (TypeError, ValueError):
+            raise InputError(f"bad value {v!r} for --{axis.replace('_', '-')}") from None
+    return out
+
+
 def parse_setting_id(text: str) -> tuple[str, dict[str, str]]:
     """`prune[method=l1,ratio=0.3]` -> ("prune", {"method": "l1", "ratio": "0.3"}) (values still strings)."""
     name, _, rest = text.partition("[")

@@ -48,6 +48,7 @@ from torch import nn
 
 from stable_diffusion.errors import InputError
 
+from ..cost import dense_size_bytes
 from .base import Calibration, Compressed, Setting, Technique, check_choice, grid
 
 METHODS = ["l1", "random"]
@@ -302,20 +303,6 @@ def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
         dense[nonzero] = values
         sd[name] = dense.view(shape)
     return sd
-
-
-def dense_size_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
-    """Size of `safetensors.torch.save_file(state_dict)` without writing it: 8 + JSON header + data."""
-    header, offset = {}, 0
-    for name in sorted(state_dict, key=lambda k: (-state_dict[k].element_size(), k)):
-        t = state_dict[name]
-        size = t.numel() * t.element_size()
-        # only the header's length matters: "F32" stands for "I32" too
-        dtype = {torch.bfloat16: "BF16", torch.bool: "BOOL"}.get(t.dtype, f"F{8 * t.element_size()}")
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    length = len(json.dumps(header, separators=(",", ":")))
-    return 8 + length + (-length % 8) + offset
 
 
 def measure(unet: nn.Module, targeted: list[str]) -> dict[str, Any]:
