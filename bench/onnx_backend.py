@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -164,6 +165,20 @@ def run_all_in_ort(model: nn.Module, provider: str = "cpu", **export_kwargs: Any
 # ------------------------------------------------------------------------------------------ quantization
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI int8 dot products (AVX512-VNNI or AVX-VNNI; Linux flags).
+
+    Without VNNI, ORT's u8s8 int8 kernels multiply with `vpmaddubsw`, whose int16 pair sums saturate on
+    8-bit weights; ORT's remedy is 7-bit weights (`reduce_range`), measured here on an AVX2-only EPYC:
+    dynamic-int8 PSNR 28.5 dB -> 38.9 dB vs FP32 on the tiny test model.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_vnni|avx_vnni)\b", flags))
+
+
 def int4_unavailable() -> str | None:
     """Why weight-only int4 (MatMulNBits) cannot be made with this onnxruntime, or None."""
     try:
@@ -260,13 +275,13 @@ def quantize(src: Path, mode: str, out_dir: Path, calls: list[UNetCall] | None =
         if mode in DYNAMIC_OPS:
             quantize_dynamic(
                 src, out, op_types_to_quantize=DYNAMIC_OPS[mode], per_channel=True, weight_type=QuantType.QInt8,
-                use_external_data_format=True,
+                reduce_range=not cpu_has_vnni(), use_external_data_format=True,
             )  # fmt: skip
         elif mode == "static-int8":
             quantize_static(
                 src, out, TrajectoryReader(calls), quant_format=QuantFormat.QDQ, op_types_to_quantize=STATIC_OPS,
                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                nodes_to_exclude=excluded + keep_float, use_external_data_format=True,
+                reduce_range=not cpu_has_vnni(), nodes_to_exclude=excluded + keep_float, use_external_data_format=True,
                 extra_options={"CalibStridedMinMax": 1},
             )  # fmt: skip
         else:

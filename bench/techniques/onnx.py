@@ -35,6 +35,7 @@ from .. import cost
 from ..onnx_backend import (
     MODES,
     OrtUNet,
+    cpu_has_vnni,
     int4_unavailable,
     new_workdir,
     provider_unavailable,
@@ -138,6 +139,8 @@ class OnnxRuntime(Technique):
             "kernels": KERNELS[mode],
             "mode": mode,
             "bits_weights": bits_w,
+            # 7-bit weight range on CPUs without VNNI (int8 storage): see onnx_backend.cpu_has_vnni
+            "reduce_range": (not cpu_has_vnni()) if bits_w == 8 else None,
             "bits_activations": bits_a,
             "size_bytes": model_size_bytes(path),
             "export_peak_rss_mb": exported.peak_rss_bytes / 2**20 if exported.peak_rss_bytes else None,
