@@ -2,7 +2,8 @@
 
 Every technique's sweep axes become flags taking one value or a comma list (`--ratios 0,0.3,0.5`,
 `--target all,attn`, `--mode dynamic-int8`); a `--config-file sweep.toml` may hold the same keys
-(`[sweep]` for run options, `[prune]`/`[quant]` for axes). Flags given on the command line win.
+(`[sweep]` for run options, `[<technique>]` for axes). Flags given on the command line win. The flags
+come from what each registered technique and modifier declares (`bench.registry`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 
 from stable_diffusion.errors import InputError
 
-from .sweep import ALL_TECHNIQUES, SweepOptions
-from .techniques import technique_class
-from .techniques.base import parse_axis
+from .modifiers.base import modifier_axes
+from .registry import TECHNIQUES, Axis
+from .sweep import SweepOptions
 
 PATH_FIELDS = {
     "checkpoint",
@@ -30,7 +31,11 @@ PATH_FIELDS = {
     "lpips_weights",
 }
 RUN_FLAGS: list[tuple[str, type, str]] = [
-    ("--prompts", str, "coco (captions of the reference set, default), parti, or a .txt/.tsv/.json file"),
+    (
+        "--prompts",
+        str,
+        "shapes (held-out captions of the built-in set, default), coco, parti, or a .txt/.tsv/.json",
+    ),
     ("--num-images", int, "images per setting (same prompts and seeds in every setting)"),
     ("--steps", int, "sampling steps"),
     ("--sampler", str, "ddim (default), pndm, ddpm or euler"),
@@ -50,27 +55,31 @@ RUN_FLAGS: list[tuple[str, type, str]] = [
 ]
 
 
-def technique_axes() -> dict[str, tuple[list[Any], Any]]:
-    """axis -> (defaults, parser) over all techniques (an axis name shared by two applies to both)."""
-    axes: dict[str, tuple[list[Any], Any]] = {}
-    for name in ALL_TECHNIQUES:
-        axes.update(technique_class(name).axes)
-    return axes
+def technique_axes() -> dict[str, Axis]:
+    """Every registered technique's and modifier's axes (an axis name shared by two techniques: the first)."""
+    axes: dict[str, Axis] = {}
+    for technique in TECHNIQUES.classes():
+        for axis in technique.axes:
+            axes.setdefault(axis.name, axis)
+    return {**axes, **modifier_axes()}
 
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sweep")
-    g.add_argument("--sweep", help=f"technique(s) to sweep: {', '.join(ALL_TECHNIQUES)}, all, or a comma list")
-    g.add_argument("--config-file", type=Path, help="TOML file with [sweep] options and [prune]/[quant] axes")
+    names = ", ".join(TECHNIQUES.names())
+    g.add_argument("--sweep", help=f"technique(s) to sweep: {names}, all, or a comma list")
+    g.add_argument("--config-file", type=Path, help="TOML file with [sweep] options and [<technique>] axes")
     g.add_argument("--resume", action="store_true", help="continue a run (re-running the same command does too)")
     g.add_argument("--setting", dest="only", action="append", help="run only this setting id (repeatable)")
     g.add_argument("--allow-download", action="store_true", help="let metrics download missing weights")
     for flag, typ, help_text in RUN_FLAGS:
         g.add_argument(flag, type=typ, help=help_text)
     a = parser.add_argument_group("sweep axes (one value or a comma list)")
-    for axis, (defaults, _) in technique_axes().items():
-        flags = [f"--{axis.replace('_', '-')}"] + (["--ratios"] if axis == "ratio" else [])
-        a.add_argument(*flags, dest=f"axis_{axis}", help=f"default: {','.join(map(str, defaults))}")
+    for name, axis in technique_axes().items():
+        flags = [axis.flag] + (["--ratios"] if name == "ratio" else [])
+        choices = f"; one of {'|'.join(map(str, axis.choices))}" if axis.choices else ""
+        default = ",".join(map(str, axis.default))
+        a.add_argument(*flags, dest=f"axis_{name}", metavar="V", help=f"{axis.help}{choices} (default: {default})")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -99,10 +108,10 @@ def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | No
         run["resolution"] = (run["resolution"], run["resolution"])
     sweep = args.sweep or run.get("techniques")
     if not sweep:
-        raise InputError("say what to sweep: --sweep prune, quant or all")
-    names = ALL_TECHNIQUES if sweep == "all" else (sweep if isinstance(sweep, list) else sweep.split(","))
+        raise InputError(f"say what to sweep: --sweep {', '.join(TECHNIQUES.names())} or all")
+    names = TECHNIQUES.names() if sweep == "all" else (sweep if isinstance(sweep, list) else sweep.split(","))
     for name in names:
-        technique_class(name)  # an unknown technique fails here, with the valid names
+        TECHNIQUES.get(name)  # an unknown technique fails here, with the valid names
     run["techniques"] = list(names)
     for key in PATH_FIELDS & set(run):
         run[key] = Path(run[key])
@@ -113,9 +122,9 @@ def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | No
         for axis, raw in file.get(name, {}).items():
             if axis not in axes_spec:
                 raise InputError(f"unknown axis {axis!r} in [{name}] of {args.config_file}")
-            axes[axis] = parse_axis(axis, raw, axes_spec[axis][1])
-    for axis, (_, parser) in axes_spec.items():
+            axes[axis] = axes_spec[axis].values(raw)
+    for axis, spec in axes_spec.items():
         raw = getattr(args, f"axis_{axis}")
         if raw is not None:
-            axes[axis] = parse_axis(axis, raw, parser)
+            axes[axis] = spec.values(raw)
     return SweepOptions(axes=axes, **run)

@@ -28,11 +28,11 @@ import onnxruntime as ort
 import psutil
 import torch
 
+from bench.calibration import UNetCall
 from bench.cost import PeakRSS
 from bench.onnx_backend import MODES, OrtUNet, int4_unavailable, quantize, quantized_nodes
 from bench.onnx_export import export_unet, model_size_bytes
 from bench.speed import benchmark_parser, p90, time_calls
-from bench.techniques.base import UNetCall
 from stable_diffusion.config import get_config
 from stable_diffusion.unet import UNetModel
 

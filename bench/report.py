@@ -21,38 +21,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from PIL import Image
 
-from bench.schema import COLUMN_NAMES, parse_float
+from . import schema
+from .registry import TECHNIQUES
+from .schema import parse_float
+from .techniques.base import BASELINE
 
 logger = logging.getLogger(__name__)
 
 Row = Mapping[str, str]
 
-# Columns that identify or describe a row (protocol, knobs, CI bounds) rather than measure it.
-_NOT_METRICS = {
-    "run_id", "setting_id", "technique", "params", "backend", "kernels", "status", "model", "n_images",
-    "resolution", "sampler", "steps", "guidance", "seed", "prompts", "ratio", "mode", "bits_weights",
-    "bits_activations", "calib_prompts", "fid_ci_low", "fid_ci_high", "fid_n", "fid_features",
-    "clip_score_std", "clip_model", "extra", "unet_params", "size_dense_bytes", "prompt_acc_n", "shapes_fid_ci_low",
-    "shapes_fid_ci_high", "shapes_fid_n", "shapes_fid_features",
-}  # fmt: skip
-# metric -> (axis label with unit, scale applied to the value before plotting)
-_LABELS: dict[str, tuple[str, float]] = {
-    "psnr": ("PSNR vs FP32 images (dB)", 1.0), "ssim": ("SSIM vs FP32 images", 1.0),
-    "lpips": ("LPIPS vs FP32 images", 1.0), "mse": ("pixel MSE vs FP32 images ([0,1] range)", 1.0),
-    "fid": ("FID vs reference set", 1.0), "clip_score": ("CLIP score (100·cos)", 1.0),
-    "latency_step_p50_ms": ("UNet step latency p50 (ms)", 1.0),
-    "latency_step_p90_ms": ("UNet step latency p90 (ms)", 1.0),
-    "latency_image_p50_s": ("image latency p50 (s)", 1.0), "latency_image_p90_s": ("image latency p90 (s)", 1.0),
-    "size_bytes": ("UNet size on disk (MB)", 1e-6), "size_dense_bytes": ("UNet dense size on disk (MB)", 1e-6),
-    "sparsity": ("sparsity of targeted weights (fraction)", 1.0),
-    "sparsity_unet": ("sparsity of all UNet weights (fraction)", 1.0),
-    "peak_rss_mb": ("peak RSS (MB)", 1.0), "nonzeros": ("non-zero UNet parameters (M)", 1e-6),
-    "gflops_per_step": ("GFLOPs per UNet call", 1.0), "weight_error_max_rel": ("max relative weight error", 1.0),
-    "nonfinite_images": ("images with NaN/Inf", 1.0),
-    "prompt_accuracy": ("prompt accuracy, all attributes (shapes classifier)", 1.0),
-    "shapes_fid": ("shapes-FID vs held-out generator images", 1.0),
-}  # fmt: skip
-_LOWER_IS_BETTER = {"fid", "lpips", "mse", "shapes_fid"}
 _PROTOCOL = [("n_images", "{} images"), ("resolution", "{}"), ("sampler", "{}"), ("steps", "{} steps"),
              ("guidance", "guidance {}"), ("seed", "seed {}")]  # fmt: skip
 _MARKERS = ["o", "s", "^", "D", "v", "P"]
@@ -62,7 +39,8 @@ _SIMULATED_NOTE = "simulated: latency not a speed claim"
 def read_rows(csv_path: Path | str) -> list[dict[str, str]]:
     """Rows as written by the runner; every schema column present (older files may lack some)."""
     with open(csv_path, newline="", encoding="utf-8") as f:
-        return [{name: row.get(name) or "" for name in COLUMN_NAMES} for row in csv.DictReader(f)]
+        names = schema.column_names()
+        return [{name: row.get(name) or "" for name in names} for row in csv.DictReader(f)]
 
 
 def _value(row: Row | None, column: str) -> float | None:
@@ -81,9 +59,19 @@ def _params(row: Row) -> dict[str, Any]:
     return params if isinstance(params, dict) else {}
 
 
-def _ratio(row: Row) -> float | None:
-    ratio = _params(row).get("ratio")
-    return _value(row, "ratio") if not isinstance(ratio, int | float) or isinstance(ratio, bool) else float(ratio)
+def _x(row: Row, axis: str) -> float | None:
+    """The row's value of its technique's `plot_x` axis: from its params, else from the column of that name."""
+    x = _params(row).get(axis)
+    return _value(row, axis) if not isinstance(x, int | float) or isinstance(x, bool) else float(x)
+
+
+def _plot_x(technique: str) -> tuple[str, str] | None:
+    """(axis, x label) a registered technique declares for its plots; None: one point per setting."""
+    cls = TECHNIQUES.get(technique) if technique in TECHNIQUES else None
+    if cls is None or cls.plot_x is None:
+        return None
+    declared = {c.name: c.axis_label for c in cls.columns}
+    return cls.plot_x, declared.get(cls.plot_x) or cls.axis(cls.plot_x).help
 
 
 def _varying(rows: Sequence[Row], skip: Collection[str] = ()) -> list[str]:
@@ -119,13 +107,21 @@ def _protocol(rows: Sequence[Row]) -> str:
 
 
 def _metric_label(metric: str) -> tuple[str, float]:
-    return _LABELS.get(metric, (metric, 1.0))
+    column = schema.column(metric)
+    return (column.axis_label, column.scale) if column else (metric, 1.0)
+
+
+def _lower_is_better(metric: str) -> bool:
+    column = schema.column(metric)
+    return column is not None and column.better == "lower"
 
 
 def metric_columns(rows: Sequence[Row]) -> list[str]:
-    """Numeric metric columns with at least one finite value in `rows`, known metrics first."""
-    columns = list(dict.fromkeys([*_LABELS, *COLUMN_NAMES, *(k for r in rows for k in r)]))
-    return [c for c in columns if c not in _NOT_METRICS and any(_finite(r, c) is not None for r in rows)]
+    """Numeric measured columns (declared `plot`, or unknown to the schema) with a finite value in `rows`."""
+    known = {c.name: c for c in schema.columns()}
+    columns = list(dict.fromkeys([*known, *(k for r in rows for k in r)]))
+    plotted = [c for c in columns if c not in known or known[c].plot]
+    return [c for c in plotted if any(_finite(r, c) is not None for r in rows)]
 
 
 def _new_figure(size: tuple[float, float] = (7.5, 4.8)) -> Figure:
@@ -134,32 +130,40 @@ def _new_figure(size: tuple[float, float] = (7.5, 4.8)) -> Figure:
     return fig
 
 
-def _fid_err(row: Row, y: float) -> tuple[float, float]:
-    low, high = _finite(row, "fid_ci_low"), _finite(row, "fid_ci_high")
+def _ci(metric: str) -> tuple[str, str] | None:
+    column = schema.column(metric)
+    return column.ci if column else None
+
+
+def _ci_err(row: Row, y: float, ci: tuple[str, str]) -> tuple[float, float]:
+    low, high = _finite(row, ci[0]), _finite(row, ci[1])
     return (y - low if low is not None else 0.0, high - y if high is not None else 0.0)
 
 
 def plot_metrics(rows: Sequence[Row], out_dir: Path | str) -> list[Path]:
-    """One `<technique>_<metric>.png` per technique and metric with data: metric vs ratio, or per setting.
+    """One `<technique>_<metric>.png` per technique and metric with data: metric vs `plot_x`, or per setting.
 
-    Techniques whose rows all have a numeric ratio get a line per combination of the other varying params;
-    the others (quant: mode/observer...) get one point per setting. The baseline is a dashed reference line.
+    Techniques that declare a `plot_x` axis, when all their rows have a numeric value of it, get a line per
+    combination of the other varying params; the others (quant: mode/observer...) get one point per
+    setting. The baseline is a dashed reference line.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    baseline = next((r for r in rows if r.get("technique") == "baseline"), None)
-    techniques = list(dict.fromkeys(r.get("technique", "") for r in rows if r.get("technique") != "baseline"))
+    baseline = next((r for r in rows if r.get("technique") == BASELINE), None)
+    techniques = list(dict.fromkeys(r.get("technique", "") for r in rows if r.get("technique") != BASELINE))
     paths = []
     for technique in techniques:
         trows = [r for r in rows if r.get("technique") == technique]
-        by_ratio = all(_ratio(r) is not None for r in trows)
+        x = _plot_x(technique)
+        if x is not None and any(_x(r, x[0]) is None for r in trows):
+            x = None
         for metric in metric_columns(trows):
             label, scale = _metric_label(metric)
             fig = _new_figure()
             ax = fig.add_subplot()
-            if by_ratio:
-                _draw_vs_ratio(ax, trows, metric, scale)
-                ax.set_xlabel(f"{technique} ratio asked for (fraction of targeted weights)")
+            if x is not None:
+                _draw_vs_x(ax, trows, metric, scale, x[0])
+                ax.set_xlabel(f"{technique} {x[1]}")
             else:
                 _draw_per_setting(ax, trows, metric, scale)
             base = _value(baseline, metric)
@@ -167,9 +171,9 @@ def plot_metrics(rows: Sequence[Row], out_dir: Path | str) -> list[Path]:
                 ax.axhline(base * scale, ls="--", color="0.35", lw=1, label="FP32 baseline")
             elif base is not None:  # psnr of the baseline vs itself: nothing to draw, say why
                 ax.plot([], [], ls="--", color="0.35", label=f"FP32 baseline: {base:g} (identical images)")
-            ax.set_ylabel(label + ("\n(bars: 95% bootstrap CI)" if metric == "fid" else ""))
+            ax.set_ylabel(label + ("\n(bars: 95% bootstrap CI)" if _ci(metric) else ""))
             ax.grid(alpha=0.3)
-            constants = _constants(trows, {"ratio"})
+            constants = _constants(trows, {x[0]} if x else set())
             ax.set_title(f"{technique}{f' ({constants})' if constants else ''}: {label}\n{_protocol(rows)}", fontsize=9)
             ax.legend(fontsize=7, loc="best")
             fig.tight_layout()
@@ -179,23 +183,23 @@ def plot_metrics(rows: Sequence[Row], out_dir: Path | str) -> list[Path]:
     return paths
 
 
-def _draw_vs_ratio(ax: Any, rows: Sequence[Row], metric: str, scale: float) -> None:
-    keys, backends = _varying(rows, skip={"ratio"}), {r.get("backend", "") for r in rows}
+def _draw_vs_x(ax: Any, rows: Sequence[Row], metric: str, scale: float, axis: str) -> None:
+    keys, backends, ci = _varying(rows, skip={axis}), {r.get("backend", "") for r in rows}, _ci(metric)
     groups: dict[str, list[Row]] = {}
     for row in rows:
         if _finite(row, metric) is not None:
             groups.setdefault(_label(row, keys, backends), []).append(row)
     for name, group in groups.items():
-        group = sorted(group, key=lambda r: _ratio(r) or 0.0)
+        group = sorted(group, key=lambda r: _x(r, axis) or 0.0)
         ys = [_finite(r, metric) or 0.0 for r in group]
-        errs = [_fid_err(r, y) for r, y in zip(group, ys, strict=True)]
-        yerr = [[e[0] for e in errs], [e[1] for e in errs]] if metric == "fid" else None
-        ax.errorbar([_ratio(r) for r in group], [y * scale for y in ys], yerr=yerr, marker="o", ms=4, capsize=3,
+        errs = [_ci_err(r, y, ci) for r, y in zip(group, ys, strict=True)] if ci else []
+        yerr = [[e[0] for e in errs], [e[1] for e in errs]] if ci else None
+        ax.errorbar([_x(r, axis) for r in group], [y * scale for y in ys], yerr=yerr, marker="o", ms=4, capsize=3,
                     lw=1.2, label=name or None)  # fmt: skip
 
 
 def _draw_per_setting(ax: Any, rows: Sequence[Row], metric: str, scale: float) -> None:
-    keys, backends = _varying(rows), {r.get("backend", "") for r in rows}
+    keys, backends, ci = _varying(rows), {r.get("backend", "") for r in rows}, _ci(metric)
     labels, any_simulated = [], False
     for i, row in enumerate(rows):
         labels.append((_label(row, keys, backends) or row.get("setting_id", "?")).replace(", ", "\n"))
@@ -206,7 +210,7 @@ def _draw_per_setting(ax: Any, rows: Sequence[Row], metric: str, scale: float) -
             continue
         simulated = row.get("kernels") == "simulated"
         any_simulated |= simulated
-        yerr = [[v] for v in _fid_err(row, y)] if metric == "fid" else None
+        yerr = [[v] for v in _ci_err(row, y, ci)] if ci else None
         ax.errorbar([i], [y * scale], yerr=yerr, marker="o", ms=7, capsize=3, color="C0",
                     mfc="none" if simulated else "C0")  # fmt: skip
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
@@ -239,12 +243,12 @@ def pick_quality(rows: Sequence[Row], quality: str = "psnr", cost: str = "latenc
 
 
 def pareto_rows(rows: Sequence[Row], quality: str, cost: str) -> list[int]:
-    """Indices of `rows` on the quality/cost Pareto front, cheapest first (fid, lpips, mse: lower is better).
+    """Indices of `rows` on the quality/cost Pareto front, cheapest first (the quality column's `better`).
 
     Rows with `kernels == "simulated"` are left out: their latency is not a speed claim, so they may neither
     sit on the front nor push a real row off it.
     """
-    sign = -1.0 if quality in _LOWER_IS_BETTER else 1.0
+    sign = -1.0 if _lower_is_better(quality) else 1.0
     idx = [i for i, r in enumerate(rows) if _plottable(r, quality, cost) and r.get("kernels") != "simulated"]
     points = [(sign * (_value(rows[i], quality) or 0.0), _finite(rows[i], cost) or 0.0) for i in idx]
     return [idx[j] for j in pareto_front(points)]
@@ -267,7 +271,7 @@ def plot_pareto(
     out_dir.mkdir(parents=True, exist_ok=True)
     quality = pick_quality(rows, quality, cost)
     (qlabel, qscale), (clabel, cscale) = _metric_label(quality), _metric_label(cost)
-    better = "lower" if quality in _LOWER_IS_BETTER else "higher"
+    better = "lower" if _lower_is_better(quality) else "higher"
     fig = _new_figure((9.5, 5.5))
     ax = fig.add_subplot()
     ax.set_title(f"{qlabel} vs {clabel}, all settings; Pareto front labelled\n{_protocol(rows)}", fontsize=9)
@@ -336,7 +340,7 @@ def _table_data(rows: Sequence[Row]) -> tuple[list[str], list[list[Any]]]:
     A column is numeric when every non-empty cell parses as a float; empty and non-finite cells become
     None (the W&B frontend cannot read JSON Infinity, so the baseline's psnr=inf shows as empty there).
     """
-    columns = list(dict.fromkeys(COLUMN_NAMES))
+    columns = list(dict.fromkeys(schema.column_names()))
     cells = {c: [r.get(c, "") for r in rows if r.get(c, "")] for c in columns}
     numeric = {c for c, v in cells.items() if v and all(parse_float(x) is not None for x in v)}
     return columns, [[_finite(r, c) if c in numeric else r.get(c, "") for c in columns] for r in rows]

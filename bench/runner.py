@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +28,12 @@ from tqdm.auto import tqdm
 
 from stable_diffusion.pipeline import StableDiffusion
 
-from . import cost, report
+from . import cost, report, schema
+from .calibration import Calibration, Recorder
+from .modifiers.base import ApplyContext, modifiers_for, technique_setting
 from .results import ResultsFile
 from .sweep import SweepPlan
-from .techniques.base import Calibration, Compressed, Setting, UNetCall
+from .techniques.base import BASELINE, Compressed, Setting
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +43,6 @@ class Sampled:
     images: list[np.ndarray]  # uint8 HxWx3, in prompt order
     seconds: list[float]  # wall time per image
     nonfinite: int
-
-
-class Recorder(torch.nn.Module):
-    """Wraps the FP32 UNet and records every call's inputs: real trajectories for calibration."""
-
-    def __init__(self, unet: torch.nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-        self.calls: list[UNetCall] = []
-        self.prompt_of_call: list[int] = []
-        self.prompt = 0
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        self.calls.append(UNetCall(x.detach().cpu().clone(), torch.as_tensor(t).cpu().clone(), context.cpu().clone()))
-        self.prompt_of_call.append(self.prompt)
-        return self.unet(x, t, context)
 
 
 class Runner:
@@ -69,18 +56,24 @@ class Runner:
         self.baseline: list[np.ndarray] | None = None
 
     # -- sampling ---------------------------------------------------------------------------------
-    def sample(self, prompts: list[str], seeds: list[int], desc: str) -> Sampled:
-        """Sample this process's shard of the prompts (one image per prompt, its own seed); gather all."""
-        p = self.plan.options
+    def sample(
+        self, prompts: list[str], seeds: list[int], desc: str, sampling: dict[str, Any] | None = None
+    ) -> Sampled:
+        """Sample this process's shard of the prompts (one image per prompt, its own seed); gather all.
+
+        `sampling` overrides the plan's sampling options (a technique's `Compressed.sampling`); a UNet with
+        `reset_sampling_state()` (a stateful cache) is reset before every image.
+        """
+        options = {**self.plan.sampling(), **(sampling or {})}
+        reset = getattr(self.sd.model.unet, "reset_sampling_state", None)
         indices = list(range(len(prompts)))
         local: list[tuple[int, np.ndarray, float, bool]] = []
         with self.state.split_between_processes(indices) as shard:
             for i in tqdm(shard, desc=desc, leave=False, disable=not self.main):
+                if reset is not None:
+                    reset()
                 t0 = time.perf_counter()
-                out = self.sd(
-                    prompts[i], steps=p.steps, sampler=p.sampler, guidance=p.guidance, seed=seeds[i],
-                    height=p.height, width=p.width, progress=False,
-                )  # fmt: skip
+                out = self.sd(prompts[i], seed=seeds[i], progress=False, **options)
                 finite = bool(torch.isfinite(out.latents).all() and torch.isfinite(out.pixels).all())
                 pixels = torch.nan_to_num(out.pixels, nan=0.0)
                 arr = (pixels[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
@@ -97,10 +90,7 @@ class Runner:
             try:
                 for i, prompt in enumerate(tqdm(prompts, desc="calibration", leave=False, disable=not self.main)):
                     recorder.prompt = i
-                    self.sd(
-                        prompt, steps=p.steps, sampler=p.sampler, guidance=p.guidance, seed=p.seed + 100_000 + i,
-                        height=p.height, width=p.width, progress=False,
-                    )  # fmt: skip
+                    self.sd(prompt, seed=p.seed + 100_000 + i, progress=False, **self.plan.sampling())
             finally:
                 self.sd.model.swap_unet(self.base_unet)
             self.calibration = Calibration(recorder.calls, recorder.prompt_of_call)
@@ -108,11 +98,16 @@ class Runner:
 
     # -- one setting ------------------------------------------------------------------------------
     def compress(self, setting: Setting) -> Compressed:
-        if setting.technique == "baseline":
+        """The technique's apply on a private copy of the UNet, then each modifier's, in order."""
+        if setting.technique == BASELINE:
             return Compressed(self.base_unet, {"kernels": "dense fp32"})
         technique = self.plan.techniques[setting.technique]
         calibration = self.calibrate() if technique.needs_calibration else None
-        return technique.apply(copy.deepcopy(self.base_unet), setting, calibration)
+        compressed = technique.apply(copy.deepcopy(self.base_unet), technique_setting(setting), calibration)
+        ctx = ApplyContext(self.sd.device, self.base_unet, self.calibrate, self.plan.options)
+        for modifier in modifiers_for(technique):
+            compressed = modifier.apply(compressed, setting, ctx)
+        return compressed
 
     def measure_cost(self, module: torch.nn.Module) -> dict[str, float | int]:
         p, cfg = self.plan.options, self.sd.cfg
@@ -161,29 +156,33 @@ class Runner:
         self.sd.model.swap_unet(compressed.module)
         try:
             with cost.PeakRSS() as mem:
-                sampled = self.sample(self.plan.prompts, self.plan.seeds, desc=setting.id)
-            if setting.technique == "baseline":
+                sampled = self.sample(self.plan.prompts, self.plan.seeds, setting.id, compressed.sampling)
+            if setting.technique == BASELINE:
                 self.baseline = sampled.images
             if not self.main:
                 return
             self.save_images(setting, sampled.images)
             p50, p90 = cost.percentiles(sampled.seconds)
-            fields = {
-                **self.plan.row_protocol(),
+            protocol = {
+                **self.plan.row_protocol(compressed.sampling),
                 "setting_id": setting.id,
                 "technique": setting.technique,
                 "params": dict(setting.params),
                 "backend": "pytorch",
                 "status": "ok" if sampled.nonfinite == 0 else "nonfinite",
                 "nonfinite_images": sampled.nonfinite,
+            }
+            measured = {
                 "latency_image_p50_s": p50,
                 "latency_image_p90_s": p90,
                 "peak_rss_mb": mem.peak / 2**20,
-                **setting.params,
                 **self.measure_cost(compressed.module),
-                **compressed.fields,
-                **self.quality(sampled.images),
             }
+            technique = self.plan.techniques.get(setting.technique)
+            declared = {c.name for c in technique.columns} if technique else set()
+            fields = schema.assemble_row(
+                protocol, dict(setting.params), measured, compressed.fields, self.quality(sampled.images), declared
+            )
             fields.setdefault("size_bytes", fields["size_dense_bytes"])
             results.append(fields)
         finally:
@@ -215,7 +214,7 @@ class Runner:
                 log.warning("%s: column(s) left empty: %s", metric.name, hint)
         for setting in tqdm(plan.settings, desc="sweep", disable=not self.main):
             if setting.id in done:
-                if setting.technique == "baseline":
+                if setting.technique == BASELINE:
                     self.baseline = self.load_images(setting)
                 continue
             self.run_setting(setting, results)

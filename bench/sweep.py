@@ -28,12 +28,12 @@ from stable_diffusion.pipeline import StableDiffusion
 from . import report
 from .data import COCO_DIR, PromptSet, ReferenceSet, file_sha256, load_prompts, load_reference
 from .metrics.base import Metric
-from .techniques import technique_class
-from .techniques.base import Setting, Technique, parse_axis, parse_setting_id
+from .modifiers.base import expand, modifier_axes, technique_setting
+from .registry import METRICS, TECHNIQUES
+from .techniques.base import BASELINE, Setting, Technique, parse_setting_id
 
 log = logging.getLogger(__name__)
 
-ALL_TECHNIQUES = ["prune", "quant", "onnx"]
 PACKAGES = [
     "torch",
     "diffusers",
@@ -119,26 +119,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build_metrics(o: SweepOptions, reference: ReferenceSet, size: tuple[int, int]) -> list[Metric]:
-    from .metrics.clip_score import CLIPScore
-    from .metrics.fid import FID
-    from .metrics.fidelity import Fidelity
-    from .metrics.shapes import PromptAccuracy, shapes_fid
-
-    cache = REPO_ROOT / "data" / "cache" / "fid"
-    return [
-        Fidelity(lpips_weights=o.lpips_weights, allow_download=o.allow_download),
-        FID(weights_path=o.fid_weights, reference=reference, cache_dir=cache, allow_download=o.allow_download),
-        CLIPScore(model_name=o.clip_model, weights_path=o.clip_weights, allow_download=o.allow_download),
-        PromptAccuracy(),
-        shapes_fid(n_reference=256, cache_dir=cache),
-    ]
+def build_metrics(o: SweepOptions, reference: ReferenceSet) -> list[Metric]:
+    """Every registered metric, configured from the options."""
+    return [cls.from_options(o, reference) for cls in METRICS.classes()]
 
 
-def _parse_axis(technique: Technique, axis: str, value: str) -> list[Any]:
-    if axis not in technique.axes:
-        raise InputError(f"{technique.name} has no parameter {axis!r}; it has: {', '.join(technique.axes)}")
-    return parse_axis(axis, value, technique.axes[axis][1])
+def technique_settings(technique: Technique, axes: dict[str, list[Any]]) -> list[Setting]:
+    """The technique's settings for the axis values it has, crossed with the given modifier values."""
+    own = {a.name for a in technique.axes}
+    return expand(technique.settings({k: v for k, v in axes.items() if k in own}), technique, axes)
 
 
 class SweepPlan:
@@ -146,16 +135,18 @@ class SweepPlan:
 
     def __init__(self, options: SweepOptions, device: torch.device | str | None = None, is_main: bool = True) -> None:
         o = self.options = options
-        self.techniques: dict[str, Technique] = {name: technique_class(name)() for name in o.techniques}
-        self.settings = [Setting("baseline")]
+        self.techniques: dict[str, Technique] = {name: TECHNIQUES.get(name)() for name in o.techniques}
+        device = device or o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.settings = [Setting(BASELINE)]
         if o.only:
-            self.settings += [self._one_setting(text) for text in o.only if text != "baseline"]
+            self.settings += [self._one_setting(text) for text in o.only if text != BASELINE]
         for technique in self.techniques.values() if not o.only else []:
-            given = {k: v for k, v in o.axes.items() if k in technique.axes}
-            self.settings += [s for s in technique.settings(given) if s.id not in {x.id for x in self.settings}]
+            for s in technique_settings(technique, o.axes):
+                if s.id not in {x.id for x in self.settings} and not self._skipped(s, device):
+                    self.settings.append(s)
 
         self.checkpoint = o.checkpoint or embedded_checkpoint()
-        self.pipeline = self._load_model(device or o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.pipeline = self._load_model(device)
         cfg = self.pipeline.cfg
         o.height, o.width = o.resolution or (cfg.resolution, cfg.resolution)
 
@@ -171,7 +162,7 @@ class SweepPlan:
         n_calib = max([int(s.params.get("calib_prompts", 0)) for s in self.settings] + [0])
         calib_source = "shapes" if o.prompts == "shapes" else "coco"
         self.calibration_prompts = load_prompts(calib_source, self.reference, caption_index=1).prompts[:n_calib]
-        self.metrics = build_metrics(o, self.reference, (o.height, o.width))
+        self.metrics = build_metrics(o, self.reference)
 
         self.model_sha256 = file_sha256(self.checkpoint)
         self.run_id = o.run_id or f"{'+'.join(o.techniques)}-{cfg.name}-{o.digest(self.model_sha256)}"
@@ -189,11 +180,21 @@ class SweepPlan:
         if name not in self.techniques:
             raise InputError(f"--setting {text!r} is not a setting of --sweep {','.join(self.techniques)}")
         technique = self.techniques[name]
-        axes = {k: _parse_axis(technique, k, v) for k, v in raw.items()}
-        match = [s for s in technique.settings(axes) if s.id == text]
+        known = {a.name: a for a in technique.axes} | modifier_axes()
+        if unknown := set(raw) - set(known):
+            raise InputError(f"{name} has no parameter {sorted(unknown)}; it has: {', '.join(known)}")
+        axes = {k: known[k].values(v) for k, v in raw.items()}
+        match = [s for s in technique_settings(technique, axes) if s.id == text]
         if not match:
             raise InputError(f"--setting {text!r} is not a valid {name} setting")
         return match[0]
+
+    def _skipped(self, setting: Setting, device: torch.device | str) -> bool:
+        """A setting its technique cannot run on this device is left out of the plan, with the reason."""
+        reason = self.techniques[setting.technique].unsupported(technique_setting(setting), device)
+        if reason:
+            log.warning("skipping %s: %s", setting.id, reason)
+        return reason is not None
 
     def _load_model(self, device: torch.device | str) -> StableDiffusion:
         o = self.options
@@ -209,16 +210,22 @@ class SweepPlan:
             load_unet_into(sd.model, o.unet, unsafe=o.unsafe_load)
         return sd
 
-    def row_protocol(self) -> dict[str, Any]:
+    def sampling(self) -> dict[str, Any]:
+        """Sampling options of every image (a row's `Compressed.sampling` may override some)."""
         o = self.options
+        return {"steps": o.steps, "sampler": o.sampler, "guidance": o.guidance, "height": o.height, "width": o.width}
+
+    def row_protocol(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The protocol columns of a row sampled with these overrides of `sampling()`."""
+        s = {**self.sampling(), **(overrides or {})}
         return {
             "model": f"{self.pipeline.cfg.name}:{self.checkpoint.name}",
-            "n_images": o.num_images,
-            "resolution": f"{o.width}x{o.height}",
-            "sampler": o.sampler,
-            "steps": o.steps,
-            "guidance": o.guidance,
-            "seed": o.seed,
+            "n_images": self.options.num_images,
+            "resolution": f"{s['width']}x{s['height']}",
+            "sampler": s["sampler"],
+            "steps": s["steps"],
+            "guidance": s["guidance"],
+            "seed": self.options.seed,
             "prompts": self.prompt_set.describe(),
         }
 

@@ -25,6 +25,7 @@ import torch
 from onnx import numpy_helper
 
 from bench import cost
+from bench.calibration import Calibration, Recorder
 from bench.onnx_backend import (
     OrtTextEncoder,
     OrtUNet,
@@ -34,9 +35,8 @@ from bench.onnx_backend import (
     time_projection_nodes,
 )
 from bench.onnx_export import CACHE_ENV, export_text_encoder, export_unet, export_vae_decoder, model_files
-from bench.runner import Recorder
 from bench.techniques import onnx as onnx_technique
-from bench.techniques.base import Calibration, Setting
+from bench.techniques.base import Setting
 from bench.techniques.onnx import OnnxRuntime
 from stable_diffusion.defaults import embedded_checkpoint
 from stable_diffusion.errors import CheckpointError, InputError

@@ -12,10 +12,24 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..registry import Column
+
 
 class Metric:
+    """Base class; a metric module registers its class with `@METRICS.register` and `from_options`."""
+
     name: ClassVar[str]
-    columns: ClassVar[tuple[str, ...]]  # the CSV columns this metric fills
+    order: ClassVar[int] = 100
+    columns: ClassVar[tuple[Column, ...]]  # the CSV columns this metric fills
+
+    @classmethod
+    def from_options(cls, options: Any, reference: Any) -> Metric:
+        """The metric as a sweep configures it (`options`: SweepOptions; `reference`: the FID ReferenceSet)."""
+        return cls()
+
+    @classmethod
+    def column_names(cls) -> list[str]:
+        return [c.name for c in cls.columns]
 
     def unavailable(self) -> str | None:
         """None when the metric can run; otherwise one line saying how to enable it."""

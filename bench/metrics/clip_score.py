@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 
 from ..data import file_sha256
+from ..registry import METRICS, Column
 from .base import Metric
 
 
+@METRICS.register
 class CLIPScore(Metric):
     """CLIP score (torchmetrics semantics) with an open_clip model.
 
@@ -32,7 +34,18 @@ class CLIPScore(Metric):
     """
 
     name = "clip_score"
-    columns = ("clip_score", "clip_score_std", "clip_model")
+    order = 30
+    columns = (
+        Column("clip_score", "100 * cos(image, text), torchmetrics semantics (empty without CLIP weights)",
+               label="CLIP score (100·cos)", better="higher"),
+        Column("clip_score_std", "std over images", plot=False),
+        Column("clip_model", "open_clip model and weights sha256 prefix", plot=False),
+    )  # fmt: skip
+
+    @classmethod
+    def from_options(cls, options: Any, reference: Any) -> CLIPScore:
+        return cls(model_name=options.clip_model, weights_path=options.clip_weights,
+                   allow_download=options.allow_download)  # fmt: skip
 
     def __init__(
         self,

@@ -24,8 +24,13 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchvision.transforms.functional import pil_to_tensor
 
+from stable_diffusion.defaults import REPO_ROOT
+
 from ..data import file_sha256
+from ..registry import METRICS, Column
 from .base import Metric
+
+FID_CACHE = REPO_ROOT / "data" / "cache" / "fid"  # reference features, by content hash
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's file; torch-fidelity's has the same keys
 PREPROCESS = "center-crop to the generated aspect, PIL bicubic resize to the generated size, uint8"
@@ -64,6 +69,7 @@ def fid_low_rank(mu_r: torch.Tensor, sigma_r: torch.Tensor, fake: torch.Tensor) 
     return float((mu_r - mu_g).square().sum() + sigma_r.trace() + trace_g - 2 * sqrt_trace)
 
 
+@METRICS.register
 class FID(Metric):
     """FID (torchmetrics, Inception pool3 2048-d) vs `reference`, plus a seeded bootstrap 95 % CI.
 
@@ -79,7 +85,20 @@ class FID(Metric):
     """
 
     name = "fid"
-    columns = ("fid", "fid_ci_low", "fid_ci_high", "fid_n", "fid_features")
+    order = 20
+    columns = (
+        Column("fid", "FID vs the reference set (empty without Inception weights); small N is biased and noisy",
+               label="FID vs reference set", better="lower", ci=("fid_ci_low", "fid_ci_high")),
+        Column("fid_ci_low", "bootstrap 95% CI, low", plot=False),
+        Column("fid_ci_high", "bootstrap 95% CI, high", plot=False),
+        Column("fid_n", "generated images in the FID", plot=False),
+        Column("fid_features", "feature extractor and weights sha256 prefix", plot=False),
+    )  # fmt: skip
+
+    @classmethod
+    def from_options(cls, options: Any, reference: Any) -> FID:
+        return cls(weights_path=options.fid_weights, reference=reference, cache_dir=FID_CACHE,
+                   allow_download=options.allow_download)  # fmt: skip
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ import torch
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from ..registry import METRICS, Column
 from .base import Metric
 
 
@@ -57,6 +58,7 @@ def _hub_with(weights: Path) -> Iterator[None]:
             torch.hub.set_dir(previous)
 
 
+@METRICS.register
 class Fidelity(Metric):
     """PSNR / SSIM / MSE / LPIPS of each image vs the baseline image of the same prompt and seed.
 
@@ -65,7 +67,20 @@ class Fidelity(Metric):
     """
 
     name = "fidelity"
-    columns = ("psnr", "ssim", "lpips", "mse")
+    order = 10
+    columns = (
+        Column("psnr", "dB vs the FP32 baseline images (mean over images)", label="PSNR vs FP32 images (dB)",
+               better="higher"),
+        Column("ssim", "SSIM vs the FP32 baseline images", label="SSIM vs FP32 images", better="higher"),
+        Column("lpips", "LPIPS vs the FP32 baseline images (empty without backbone weights)",
+               label="LPIPS vs FP32 images", better="lower"),
+        Column("mse", "pixel MSE vs baseline, [0,1] range", label="pixel MSE vs FP32 images ([0,1] range)",
+               better="lower"),
+    )  # fmt: skip
+
+    @classmethod
+    def from_options(cls, options: Any, reference: Any) -> Fidelity:
+        return cls(lpips_weights=options.lpips_weights, allow_download=options.allow_download)
 
     def __init__(
         self,
@@ -144,7 +159,7 @@ class Fidelity(Metric):
 
     def compute(self, images: torch.Tensor, prompts: list[str], baseline: torch.Tensor | None) -> dict[str, Any]:
         if baseline is None:
-            return dict.fromkeys(self.columns)
+            return dict.fromkeys(self.column_names())
         if baseline.shape != images.shape:
             raise ValueError(f"images {tuple(images.shape)} vs baseline {tuple(baseline.shape)}")
         x, y = images.float(), baseline.float()

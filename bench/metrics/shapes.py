@@ -23,8 +23,9 @@ import torch
 from stable_diffusion.shapes import VOCAB, ShapesDataset, parse_caption
 
 from ..data import file_sha256
+from ..registry import METRICS, Column
 from .base import Metric
-from .fid import FID
+from .fid import FID, FID_CACHE
 
 HEADS = tuple(VOCAB)
 CHANCE_ALL = 1.0 / float(torch.tensor([len(v) for v in VOCAB.values()]).prod())
@@ -38,6 +39,7 @@ def _weights_path() -> Path:
     return WEIGHTS
 
 
+@METRICS.register
 class PromptAccuracy(Metric):
     """In-domain CLIP-score stand-in: fraction of images whose classified attributes all match their prompt.
 
@@ -46,7 +48,13 @@ class PromptAccuracy(Metric):
     """
 
     name = "prompt_accuracy"
-    columns = ("prompt_accuracy", *(f"prompt_acc_{h}" for h in HEADS), "prompt_acc_n")
+    order = 40
+    columns = (
+        Column("prompt_accuracy", "images whose shapes-classifier attributes all match the prompt (chance 1/1800)",
+               label="prompt accuracy, all attributes (shapes classifier)", better="higher"),
+        *(Column(f"prompt_acc_{h}", f"prompt accuracy of the {h} attribute alone", better="higher") for h in HEADS),
+        Column("prompt_acc_n", "prompts parsed as shapes captions", plot=False),
+    )  # fmt: skip
 
     def __init__(self, weights_path: str | Path | None = None, device: str | torch.device | None = None) -> None:
         self.weights_path = Path(weights_path) if weights_path else _weights_path()
@@ -102,6 +110,7 @@ class PromptAccuracy(Metric):
         return out
 
 
+@METRICS.register
 class ShapesFID(FID):
     """In-domain FID stand-in: FID on the shapes classifier's 128-d penultimate features, own columns.
 
@@ -110,7 +119,20 @@ class ShapesFID(FID):
     """
 
     name = "shapes_fid"
-    columns = ("shapes_fid", "shapes_fid_ci_low", "shapes_fid_ci_high", "shapes_fid_n", "shapes_fid_features")
+    order = 50
+    columns = (
+        Column("shapes_fid", "FID on shapes-classifier features vs held-out generator images (not comparable with FID)",
+               label="shapes-FID vs held-out generator images", better="lower",
+               ci=("shapes_fid_ci_low", "shapes_fid_ci_high")),
+        Column("shapes_fid_ci_low", "bootstrap 95% CI, low", plot=False),
+        Column("shapes_fid_ci_high", "bootstrap 95% CI, high", plot=False),
+        Column("shapes_fid_n", "generated images in the shapes-FID", plot=False),
+        Column("shapes_fid_features", "shapes-classifier weights sha256 prefix", plot=False),
+    )  # fmt: skip
+
+    @classmethod
+    def from_options(cls, options: Any, reference: Any) -> ShapesFID:
+        return shapes_fid(n_reference=256, cache_dir=FID_CACHE)
 
     def __init__(self, reference: Any, weights_path: str | Path | None = None, **kwargs: Any) -> None:
         from bench.shapes_classifier import PenultimateFeatures, load_classifier

@@ -38,7 +38,7 @@ import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,8 +48,11 @@ from torch import nn
 
 from stable_diffusion.errors import InputError
 
+from ..calibration import Calibration
 from ..cost import dense_size_bytes
-from .base import Calibration, Compressed, Setting, Technique, check_choice, grid
+from ..registry import TECHNIQUES, Axis, Column, text
+from ..schema import CORE
+from .base import Compressed, Setting, Technique, check_choice, grid
 
 METHODS = ["l1", "random"]
 SCOPES = ["layer", "global"]
@@ -329,31 +332,32 @@ def measure(unet: nn.Module, targeted: list[str]) -> dict[str, Any]:
     }
 
 
-CHOICES = {"method": METHODS, "scope": SCOPES, "target": TARGETS}
-
-
-def _values(axis: str, given: Mapping[str, list[Any]]) -> list[Any]:
-    defaults, parser = Pruning.axes[axis]
-    values = [parser(v) if isinstance(v, str) else v for v in given.get(axis, defaults)]
-    return [parse_ratio(v) if axis == "ratio" else check_choice(axis, v, CHOICES[axis]) for v in values]
-
-
+@TECHNIQUES.register
 class Pruning(Technique):
     """Unstructured pruning sweep: ratio x method x scope x target. Setting param `seed` (default 0,
     left out of ids when 0) seeds `random`; it is no sweep axis because `--seed` is the image seed."""
 
     name = "prune"
-    axes: ClassVar = {
-        "ratio": ([0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9], parse_ratio),
-        "method": (["l1"], str.strip),
-        "scope": (["global"], str.strip),
-        "target": (["all"], str.strip),
-    }
+    summary = "unstructured magnitude (L1) or random pruning of UNet Linear+Conv2d weights, exact counts"
+    order = 20
+    axes = (
+        Axis("ratio", [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9], parse_ratio, "fraction of targeted weights set to zero"),
+        Axis("method", ["l1"], text, "which weights go: smallest |w| (l1) or random", METHODS),
+        Axis("scope", ["global"], text, "one threshold over all targeted weights, or per layer", SCOPES),
+        Axis("target", ["all"], text, "which layers compete (inner/outer: middle vs ends of the U)", TARGETS),
+    )
+    columns = (
+        Column("ratio", "pruning ratio asked for", label="ratio asked for (fraction of targeted weights)", plot=False),
+        Column("sparsity", "measured fraction of zeros among the targeted weights",
+               label="sparsity of targeted weights (fraction)"),
+        Column("sparsity_unet", "measured fraction of zeros among all UNet Linear/Conv weights",
+               label="sparsity of all UNet weights (fraction)"),
+        *(CORE[c] for c in ("unet_params", "nonzeros", "size_dense_bytes")),  # recounted after pruning
+    )  # fmt: skip
+    plot_x = "ratio"
 
     def settings(self, axes: Mapping[str, list[Any]]) -> list[Setting]:
-        if unknown := set(axes) - set(self.axes):
-            raise InputError(f"unknown prune axes {sorted(unknown)}; choose from: {', '.join(self.axes)}")
-        vals = {axis: _values(axis, axes) for axis in self.axes}
+        vals = self.axis_values(axes)
         out: dict[str, Setting] = {}
         for p in grid({axis: vals[axis] for axis in ("target", "ratio", "method", "scope")}):
             if p["ratio"] == 0.0:  # unpruned: method and scope make no difference, keep one row per target
@@ -364,7 +368,8 @@ class Pruning(Technique):
 
     def apply(self, unet: nn.Module, setting: Setting, calibration: Calibration | None = None) -> Compressed:
         params = {"ratio": 0.0, **setting.params}
-        if unknown := set(params) - {*self.axes, "seed"}:
-            raise InputError(f"unknown prune parameters {sorted(unknown)}; known: {', '.join(self.axes)}, seed")
+        known = [a.name for a in self.axes]
+        if unknown := set(params) - {*known, "seed"}:
+            raise InputError(f"unknown prune parameters {sorted(unknown)}; known: {', '.join(known)}, seed")
         targeted = prune(unet, **params)
         return Compressed(unet, measure(unet, targeted))
