@@ -172,6 +172,8 @@ class SweepPlan:
         calib_source = "shapes" if o.prompts == "shapes" else "coco"
         self.calibration_prompts = load_prompts(calib_source, self.reference, caption_index=1).prompts[:n_calib]
         self.metrics = build_metrics(o, self.reference, (o.height, o.width))
+        for metric in self.metrics:
+            metric.prepare()  # bad weights fail here (exit 2), before anything is sampled or written
 
         self.model_sha256 = file_sha256(self.checkpoint)
         self.run_id = o.run_id or f"{'+'.join(o.techniques)}-{cfg.name}-{o.digest(self.model_sha256)}"
