@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import logging
 import os
 import time
@@ -25,10 +26,11 @@ from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
+from stable_diffusion.errors import first_line
 from stable_diffusion.pipeline import StableDiffusion
 
 from . import cost, report
-from .results import ResultsFile
+from .results import ResultsFile, write_atomic
 from .sweep import SweepPlan
 from .techniques.base import Calibration, Compressed, Setting, UNetCall
 
@@ -109,7 +111,7 @@ class Runner:
     # -- one setting ------------------------------------------------------------------------------
     def compress(self, setting: Setting) -> Compressed:
         if setting.technique == "baseline":
-            return Compressed(self.base_unet, {"kernels": "dense fp32"})
+            return Compressed(self.base_unet, {"kernels": f"dense {self.plan.options.dtype}"})  # what really ran
         technique = self.plan.techniques[setting.technique]
         calibration = self.calibrate() if technique.needs_calibration else None
         return technique.apply(copy.deepcopy(self.base_unet), setting, calibration)
@@ -182,7 +184,8 @@ class Runner:
                 **setting.params,
                 **self.measure_cost(compressed.module),
                 **compressed.fields,
-                **self.quality(sampled.images),
+                # NaN pixels were zeroed for the PNGs: comparing those would report a perfect match
+                **(self.quality(sampled.images) if sampled.nonfinite == 0 else {}),
             }
             fields.setdefault("size_bytes", fields["size_dense_bytes"])
             results.append(fields)
@@ -190,16 +193,34 @@ class Runner:
             self.sd.model.swap_unet(self.base_unet)
 
     def save_images(self, setting: Setting, images: list[np.ndarray]) -> None:
+        """PNGs and a grid, each written atomically (another agent may be reading the baseline's)."""
         folder = self.plan.run_dir / "images" / setting.slug
         folder.mkdir(parents=True, exist_ok=True)
         pil = [Image.fromarray(a) for a in images]
         for i, image in enumerate(pil):
-            image.save(folder / f"{i:04d}.png")
-        report.make_grid(pil, cols=min(8, len(pil))).save(self.plan.run_dir / "images" / f"{setting.slug}-grid.png")
+            write_atomic(folder / f"{i:04d}.png", _png(image))
+        grid = report.make_grid(pil, cols=min(8, len(pil)))
+        write_atomic(self.plan.run_dir / "images" / f"{setting.slug}-grid.png", _png(grid))
 
-    def load_images(self, setting: Setting) -> list[np.ndarray]:
+    def load_images(self, setting: Setting) -> list[np.ndarray] | None:
+        """The saved images of a finished setting; None when some are missing or unreadable."""
         folder = self.plan.run_dir / "images" / setting.slug
-        return [np.asarray(Image.open(folder / f"{i:04d}.png").convert("RGB")) for i in range(len(self.plan.prompts))]
+        try:
+            return [
+                np.asarray(Image.open(folder / f"{i:04d}.png").convert("RGB")) for i in range(len(self.plan.prompts))
+            ]
+        except (OSError, ValueError) as e:  # deleted, truncated (PIL raises OSError), not an image
+            log.warning("%s: images unreadable (%s); sampling them again (the row is kept)", folder, first_line(e))
+            return None
+
+    def baseline_images(self, setting: Setting) -> list[np.ndarray]:
+        """The finished baseline's images, resampled (same seeds, same pixels) if they were lost."""
+        images = self.load_images(setting)
+        if images is None:
+            images = self.sample(self.plan.prompts, self.plan.seeds, desc="baseline (again)").images
+            if self.main:
+                self.save_images(setting, images)
+        return images
 
     # -- the sweep --------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -214,18 +235,26 @@ class Runner:
             for hint in [metric.unavailable()] if metric.unavailable() else metric.hints():
                 log.warning("%s: column(s) left empty: %s", metric.name, hint)
         for setting in tqdm(plan.settings, desc="sweep", disable=not self.main):
-            if setting.id in done:
-                if setting.technique == "baseline":
-                    self.baseline = self.load_images(setting)
+            if setting.technique == "baseline" and setting.id in done:
+                self.baseline = self.baseline_images(setting)
                 continue
+            if setting.id in done or (self.main and setting.id in results.finished()):
+                continue  # finished before, or meanwhile by another agent into this folder
             self.run_setting(setting, results)
             self.state.wait_for_everyone()
         if self.main:
-            rows = report.read_rows(results.path)
-            plots = report.write_report(plan.run_dir, rows)
-            plan.finish(rows, plots)
+            with results.lock:  # agents into one folder: one report at a time, from all rows
+                rows = results.rows()
+                plots = report.write_report(plan.run_dir, rows)
+                plan.finish(rows, plots)
         self.state.wait_for_everyone()
         return plan.run_dir
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def set_threads(state: PartialState) -> None:
