@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.onnx_backend import _shared_gemm_weights, own_gemm_weights, quantize
@@ -87,3 +88,197 @@ def test_own_gemm_weights_keeps_fp32_outputs_and_quantizes(tmp_path: Path) -> No
     ops = [n.op_type for n in onnx.load(str(q)).graph.node]
     assert ops.count("Gemm") == 0 and ops.count("MatMulInteger") == 3, ops
     assert (tmp_path / "q" / "own-gemm-weights" / "unet.onnx").is_file()
+
+
+# -- CLI: one line, exit 2, nothing created (items 7-9) --------------------------------------------------
+def _cli(args: list[str], caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    """main.main in process: (exit code, error lines); an exception escaping main fails the test."""
+    import main
+
+    caplog.clear()
+    try:
+        code = main.main(args)
+    except SystemExit as e:  # argparse
+        code = e.code
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    errors += [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    return code, errors
+
+
+SWEEP = ["--sweep", "prune", "--num-images", "2", "--steps", "1", "--wandb-mode", "disabled", "--latency-repeats", "1"]
+BAD_TOML = {
+    "num-images-text": 'num_images = "two"',
+    "steps-float": "steps = 1.5",
+    "guidance-text": 'guidance = "high"',
+    "seed-bool": "seed = true",
+    "resolution-word": 'resolution = "big"',
+    "prompts-number": "prompts = 3",
+    "out-number": "out = 5",
+    "setting-not-a-list": 'only = "baseline"',
+}
+
+
+@pytest.mark.parametrize("body", BAD_TOML.values(), ids=BAD_TOML.keys())
+def test_config_file_value_types(tmp_path: Path, caplog, capsys, body: str) -> None:
+    (tmp_path / "sweep.toml").write_text(f"[sweep]\n{body}\n")
+    code, errors = _cli([*SWEEP, "--config-file", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "o")],
+                        caplog, capsys)  # fmt: skip
+    assert code == 2 and len(errors) == 1 and "[sweep]" in errors[0] and "must be" in errors[0], errors
+    assert not (tmp_path / "o").exists()
+
+
+CASES = {
+    "resolution-0": ([*SWEEP, "--resolution", "0"], "resolution must be positive"),
+    "generate-resolution-0": (["generate", "--prompt", "x", "--resolution", "0"], "resolution must be positive"),
+    "device-bogus": ([*SWEEP, "--device", "bogus"], "is not a device"),
+    "device-meta": (["generate", "--prompt", "x", "--device", "meta"], "cannot run"),
+    "typo-table": ([*SWEEP, "--config-file", "{toml}"], "unknown table [purne]"),
+    "other-technique-flag": ([*SWEEP, "--mode", "dynamic-int8"], "is an axis of quant"),
+    "run-id-escapes": ([*SWEEP, "--run-id", "../x"], "plain folder name"),
+    "setting-outside-axes": (
+        [*SWEEP, "--ratios", "0.3", "--setting", "prune[method=l1,ratio=0.5,scope=global,target=all]"],
+        "outside this sweep's ratio",
+    ),
+    "config-dir": ([*SWEEP, "--config-file", "{dir}"], "is a directory"),
+    "steps-0-before-folder": ([*SWEEP, "--steps", "0"], "steps must be a positive"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASES)
+def test_bad_inputs_are_one_line_and_create_nothing(tmp_path: Path, caplog, capsys, case: str) -> None:
+    args, words = CASES[case]
+    (tmp_path / "purne.toml").write_text("[purne]\nratio = [0.3]\n")
+    args = [a.format(toml=tmp_path / "purne.toml", dir=tmp_path) for a in args]
+    out = tmp_path / "results"
+    code, errors = _cli([*args, "--out", str(out)] if args[0] != "generate" else args, caplog, capsys)
+    assert code == 2 and len(errors) == 1 and words in errors[0], errors
+    assert not out.exists() and not (tmp_path / "x").exists()
+
+
+def test_another_techniques_table_or_axis_is_rejected(tmp_path: Path, caplog, capsys) -> None:
+    for body, words in [("[quant]\nmode = ['dynamic-int8']", "[quant]"), ("[prune]\nmode = ['x']", "unknown axis")]:
+        (tmp_path / "s.toml").write_text(body + "\n")
+        code, errors = _cli([*SWEEP, "--config-file", str(tmp_path / "s.toml"), "--out", str(tmp_path / "o")],
+                            caplog, capsys)  # fmt: skip
+        assert code == 2 and len(errors) == 1 and words in errors[0], errors
+
+
+def test_init_image_over_the_pixel_limit_or_truncated(tmp_path: Path, monkeypatch) -> None:
+    from PIL import Image
+
+    from stable_diffusion.errors import InputError
+    from stable_diffusion.pipeline import load_image
+
+    good = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(InputError, match="cannot read init image"):
+        load_image(truncated)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64*64 > 2x the limit: PIL's decompression bomb
+    with pytest.raises(InputError, match="cannot read init image"):
+        load_image(good)
+
+
+def test_a_full_disk_mid_append_leaves_no_half_row(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from bench.results import ResultsFile
+
+    results = ResultsFile(tmp_path / "results.csv", "run")
+    results.append({"setting_id": "baseline", "technique": "baseline"})
+    before = results.path.read_bytes()
+    real_open = Path.open
+
+    class Full:
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.f.close()
+
+        def write(self, text: str) -> None:
+            self.f.write(text[:10])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def opener(self, mode="r", *a, **k):
+        f = real_open(self, mode, *a, **k)
+        return Full(f) if mode == "a" else f
+
+    monkeypatch.setattr(Path, "open", opener)
+    with pytest.raises(OSError):
+        results.append({"setting_id": "prune[x]", "technique": "prune"})
+    monkeypatch.undo()
+    assert results.path.read_bytes() == before
+
+
+def test_a_full_output_disk_is_one_line(tmp_path: Path, caplog, capsys, monkeypatch) -> None:
+    import errno
+
+    import bench.sweep
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "manifest.json"))
+
+    monkeypatch.setattr(bench.sweep, "update_manifest", full)
+    code, errors = _cli([*SWEEP, "--out", str(tmp_path / "o")], caplog, capsys)
+    assert code == 2 and len(errors) == 1 and "No space left" in errors[0], errors
+
+
+def test_ctrl_c_during_start_up_is_not_a_traceback() -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "main.py", "--sweep", "prune"], cwd=REPO, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+    time.sleep(1.0)  # inside `import torch`
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
+
+
+# -- metric weights (item 7) ------------------------------------------------------------------------------
+def test_failed_downloads_leave_columns_empty_with_one_line(tmp_path: Path, monkeypatch) -> None:
+    import urllib.error
+
+    import torch
+    from PIL import Image
+
+    from bench.metrics.fid import FID
+    from bench.metrics.fidelity import Fidelity
+
+    def offline(*_a, **_k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        fidelity = Fidelity(allow_download=True, device="cpu")
+        fidelity.prepare()
+        (hint,) = fidelity.hints()
+        assert "download" in hint and "failed" in hint and "\n" not in hint
+        images = torch.rand(2, 3, 16, 16)
+        assert fidelity.compute(images, ["a", "b"], images)["lpips"] is None
+        fid = FID([Image.new("RGB", (8, 8))] * 2, allow_download=True)
+        fid.prepare()
+        assert "failed" in fid.unavailable() and fid.compute(images, ["a", "b"], None) == {}
+    finally:
+        torch.hub.set_dir(previous)
+
+
+def test_bad_metric_weights_fail_at_plan_time(tmp_path: Path) -> None:
+    from bench.metrics.fidelity import Fidelity
+    from stable_diffusion.errors import InputError
+
+    garbage = tmp_path / "alexnet.pth"
+    garbage.write_bytes(b"\x00not weights at all" * 10)
+    for path, words in [(garbage, "--lpips-weights"), (tmp_path / "missing.pth", "is not a file")]:
+        with pytest.raises(InputError, match=words):
+            Fidelity(lpips_weights=path, device="cpu").prepare()
