@@ -282,3 +282,74 @@ def test_bad_metric_weights_fail_at_plan_time(tmp_path: Path) -> None:
     for path, words in [(garbage, "--lpips-weights"), (tmp_path / "missing.pth", "is not a file")]:
         with pytest.raises(InputError, match=words):
             Fidelity(lpips_weights=path, device="cpu").prepare()
+
+
+# -- W&B agents into one run folder (items 3, 4, 8, 10) --------------------------------------------------
+P03 = "prune[method=l1,ratio=0.3,scope=global,target=all]"
+P05 = "prune[method=l1,ratio=0.5,scope=global,target=all]"
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    from bench.results import ResultsFile
+
+    lines = (run / "results.csv").read_bytes().splitlines()
+    rows = ResultsFile(run / "results.csv", "r", writer=False).rows()
+    assert len(lines) == len(rows) + 1  # every line a complete row: nothing half-written or quarantined
+    return rows
+
+
+def test_two_agents_in_sequence_share_one_run_folder(tmp_path: Path, caplog, capsys, monkeypatch) -> None:
+    """Agent 1 as the W&B YAML runs it; then images/baseline is deleted and agent 2 (its UNet all-NaN, with
+    the YAML's explicit --resolution) resumes the same folder: one row per setting, none redone."""
+    import json
+
+    import torch
+    from torch import nn
+
+    from bench.techniques.base import Compressed
+    from bench.techniques.prune import Pruning
+
+    out, run = tmp_path / "out", tmp_path / "out" / "agents"
+    code, errors = _cli([*SWEEP, "--out", str(out), "--run-id", "agents", "--setting", P03], caplog, capsys)
+    assert code == 0 and not errors, errors
+    first = {r["setting_id"]: r for r in _rows(run)}
+    assert set(first) == {"baseline", P03}
+    assert first["baseline"]["kernels"] == "dense fp32" and first["baseline"]["dtype"] == "fp32"
+    baseline_png = (run / "images" / "baseline" / "0000.png").read_bytes()
+    for png in (run / "images" / "baseline").iterdir():
+        png.unlink()
+
+    class NaNUNet(nn.Module):
+        def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return torch.full_like(x, float("nan"))
+
+    monkeypatch.setattr(Pruning, "apply", lambda self, unet, setting, calibration=None: Compressed(NaNUNet(), {}))
+    code, errors = _cli([*SWEEP, "--out", str(out), "--run-id", "agents", "--setting", P05, "--resolution", "64x64"],
+                        caplog, capsys)  # fmt: skip
+    assert code == 0 and not errors, errors
+    rows = {r["setting_id"]: r for r in _rows(run)}
+    assert list(rows) == ["baseline", P03, P05]
+    assert rows["baseline"] == first["baseline"] and rows[P03] == first[P03]  # kept, not redone
+    assert (run / "images" / "baseline" / "0000.png").read_bytes() == baseline_png  # resampled: same pixels
+    nan = rows[P05]
+    assert nan["status"] == "nonfinite" and nan["nonfinite_images"] == "2"
+    assert [nan[c] for c in ("psnr", "ssim", "mse", "lpips")] == ["", "", "", ""]  # never "perfect"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["settings"] == ["baseline", P03, P05] and len(manifest["resumed"]) == 1
+
+
+def test_two_agents_at_once_into_one_run_folder(tmp_path: Path) -> None:
+    """Two processes, one setting each, started together: each row exactly once (the lock decides who
+    writes the baseline both computed)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "main.py", *SWEEP, "--out", str(out), "--run-id", "both"]
+    procs = [subprocess.Popen([*cmd, "--setting", s], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for s in (P03, P05)]  # fmt: skip
+    errs = [p.communicate(timeout=900)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert "Traceback" not in "".join(errs)
+    ids = [r["setting_id"] for r in _rows(out / "both")]
+    assert sorted(ids) == sorted(["baseline", P03, P05])
