@@ -238,8 +238,8 @@ class Runner:
             if setting.technique == "baseline" and setting.id in done:
                 self.baseline = self.baseline_images(setting)
                 continue
-            if setting.id in done or (self.main and setting.id in results.finished()):
-                continue  # finished before, or meanwhile by another agent into this folder
+            if setting.id in done or (self.state.num_processes == 1 and setting.id in results.finished()):
+                continue  # finished before, or meanwhile by another agent (sharded runs decide once, together)
             self.run_setting(setting, results)
             self.state.wait_for_everyone()
         if self.main:
