@@ -82,30 +82,111 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
         a.add_argument(*flags, dest=f"axis_{name}", metavar="V", help=f"{axis.help}{choices} (default: {default})")
 
 
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'512' or '768x512' (width x height) -> (height, width), both positive."""
+    try:
+        w, _, h = text.lower().partition("x")
+        height, width = int(h or w), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"resolution must be N or WxH, got {text!r}") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"resolution must be positive, got {text!r}")
+    return height, width
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"config file {path} is a directory, not a TOML file") from None
+    except OSError as e:
+        raise InputError(f"cannot read config file {path}: {e.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _resolution_value(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, str):
+        try:
+            return parse_resolution(value)
+        except argparse.ArgumentTypeError:
+            return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, value
+    return None
+
+
+_TOML_TYPES: dict[str, Any] = {
+    "int": lambda v: v if isinstance(v, int) and not isinstance(v, bool) else None,
+    "float": lambda v: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None,
+    "str": lambda v: v if isinstance(v, str) else None,
+    "bool": lambda v: v if isinstance(v, bool) else None,
+    "Path": lambda v: Path(v) if isinstance(v, str) and v else None,
+    "list[str]": lambda v: v if isinstance(v, list) and all(isinstance(x, str) for x in v) else None,
+    "tuple[int, int]": _resolution_value,
+}
+
+
+def _typed(key: str, value: Any, where: Path) -> Any:
+    """A `[sweep]` value as its SweepOptions field's type; a wrong type is a one-line InputError."""
+    kind = {f.name: str(f.type) for f in dataclasses.fields(SweepOptions)}[key].replace(" | None", "")
+    if key == "techniques":
+        kind = "str" if isinstance(value, str) else "list[str]"
+    got = _TOML_TYPES[kind](value) if kind in _TOML_TYPES else value
+    if got is None:
+        raise InputError(
+            f"[sweep] {key} in {where} must be {kind.replace('tuple[int, int]', 'N or WxH')}, got {value!r}"
+        )
+    return got
+
+
+def _check_tables(file: dict[str, Any], names: list[str], where: Path) -> None:
+    """Every table is [sweep] or a swept technique's, and every key one of its axes (typos are not ignored)."""
+    for table, body in file.items():
+        if table == "sweep":
+            continue
+        if table not in TECHNIQUES:
+            known = ", ".join(f"[{n}]" for n in TECHNIQUES.names())
+            raise InputError(f"unknown table [{table}] in {where}; tables: [sweep], {known}")
+        if table not in names:
+            raise InputError(f"[{table}] in {where} is not swept (--sweep {','.join(names)}); sweep it too or drop it")
+        if not isinstance(body, dict):
+            raise InputError(f"[{table}] in {where} must be a table of axes")
+        axes = [a.name for a in TECHNIQUES.get(table).axes] + list(modifier_axes())
+        if unknown := sorted(set(body) - set(axes)):
+            raise InputError(f"unknown axis {unknown[0]!r} in [{table}] of {where}; it has: {', '.join(axes)}")
+
+
+def _check_axis_flags(args: argparse.Namespace, names: list[str]) -> None:
+    """An axis flag must belong to a technique being swept (else it would be silently ignored)."""
+    swept = {axis.name for name in names for axis in TECHNIQUES.get(name).axes} | set(modifier_axes())
+    for axis in technique_axes():
+        if getattr(args, f"axis_{axis}") is not None and axis not in swept:
+            owners = [n for n in TECHNIQUES.names() if axis in {a.name for a in TECHNIQUES.get(n).axes}]
+            raise InputError(
+                f"--{axis.replace('_', '-')} is an axis of {', '.join(owners)}, which --sweep {','.join(names)} "
+                "does not sweep"
+            )
 
 
 def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | None) -> SweepOptions:
     """CLI flags over `[sweep]`/`[<technique>]` tables of the config file over SweepOptions defaults."""
     file = _read_toml(args.config_file) if args.config_file else {}
+    if not isinstance(file.get("sweep", {}), dict):
+        raise InputError(f"[sweep] in {args.config_file} must be a table")
     run = dict(file.get("sweep", {}))
     fields = {f.name for f in dataclasses.fields(SweepOptions)} - {"axes"}
     if unknown := set(run) - fields:
         raise InputError(f"unknown [sweep] keys in {args.config_file}: {', '.join(sorted(unknown))}")
+    run = {key: _typed(key, value, args.config_file) for key, value in run.items()}
     for key in fields:
         value = getattr(args, key, None)
         if value is not None and value is not False:
             run[key] = value
     if resolution:
         run["resolution"] = resolution
-    elif isinstance(run.get("resolution"), int):
-        run["resolution"] = (run["resolution"], run["resolution"])
     sweep = args.sweep or run.get("techniques")
     if not sweep:
         raise InputError(f"say what to sweep: --sweep {', '.join(TECHNIQUES.names())} or all")
@@ -115,13 +196,13 @@ def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | No
     run["techniques"] = list(names)
     for key in PATH_FIELDS & set(run):
         run[key] = Path(run[key])
+    _check_tables(file, list(names), args.config_file)
+    _check_axis_flags(args, list(names))
 
     axes_spec = technique_axes()
     axes: dict[str, list[Any]] = {}
     for name in names:
         for axis, raw in file.get(name, {}).items():
-            if axis not in axes_spec:
-                raise InputError(f"unknown axis {axis!r} in [{name}] of {args.config_file}")
             axes[axis] = axes_spec[axis].values(raw)
     for axis, spec in axes_spec.items():
         raw = getattr(args, f"axis_{axis}")

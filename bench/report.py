@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from PIL import Image
 
 from . import schema
 from .registry import TECHNIQUES
+from .results import write_atomic
 from .schema import parse_float
 from .techniques.base import BASELINE
 
@@ -34,6 +36,13 @@ _PROTOCOL = [("n_images", "{} images"), ("resolution", "{}"), ("sampler", "{}"),
              ("guidance", "guidance {}"), ("seed", "seed {}")]  # fmt: skip
 _MARKERS = ["o", "s", "^", "D", "v", "P"]
 _SIMULATED_NOTE = "simulated: latency not a speed claim"
+
+
+def _savefig(fig: Any, path: Path) -> None:
+    """PNG written atomically: a full disk leaves the old plot, never half a file."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    write_atomic(path, buf.getvalue())
 
 
 def read_rows(csv_path: Path | str) -> list[dict[str, str]]:
@@ -178,7 +187,7 @@ def plot_metrics(rows: Sequence[Row], out_dir: Path | str) -> list[Path]:
             ax.legend(fontsize=7, loc="best")
             fig.tight_layout()
             path = out_dir / f"{technique}_{metric}.png"
-            fig.savefig(path, dpi=110)
+            _savefig(fig, path)
             paths.append(path)
     return paths
 
@@ -281,7 +290,7 @@ def plot_pareto(
     rows = [r for r in rows if _plottable(r, quality, cost)]
     if not rows:
         ax.text(0.5, 0.5, f"no row has both {quality} and {cost}", ha="center", va="center", transform=ax.transAxes)
-        fig.savefig(path, dpi=110)
+        _savefig(fig, path)
         return path
     qs = [(_value(r, quality) or 0.0) * qscale for r in rows]
     finite = [q for q in qs if math.isfinite(q)] or [0.0]
@@ -315,7 +324,7 @@ def plot_pareto(
     ax.grid(alpha=0.3)
     ax.legend(handles=list(handles.values()), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     return path
 
 
@@ -427,7 +436,7 @@ def write_wandb_sweep(
     except ImportError:  # JSON is valid YAML
         body = json.dumps(spec, indent=2) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_SWEEP_HEADER.format(technique=technique, name=path.name) + body, encoding="utf-8")
+    write_atomic(path, _SWEEP_HEADER.format(technique=technique, name=path.name) + body)
     return path
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import logging
 import os
 import time
@@ -26,12 +27,13 @@ from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
+from stable_diffusion.errors import first_line
 from stable_diffusion.pipeline import StableDiffusion
 
 from . import cost, report, schema
 from .calibration import Calibration, Recorder
 from .modifiers.base import ApplyContext, modifiers_for, technique_setting
-from .results import ResultsFile
+from .results import ResultsFile, write_atomic
 from .sweep import SweepPlan
 from .techniques.base import BASELINE, Compressed, Setting
 
@@ -100,7 +102,7 @@ class Runner:
     def compress(self, setting: Setting) -> Compressed:
         """The technique's apply on a private copy of the UNet, then each modifier's, in order."""
         if setting.technique == BASELINE:
-            return Compressed(self.base_unet, {"kernels": "dense fp32"})
+            return Compressed(self.base_unet, {"kernels": f"dense {self.plan.options.dtype}"})  # what really ran
         technique = self.plan.techniques[setting.technique]
         calibration = self.calibrate() if technique.needs_calibration else None
         compressed = technique.apply(copy.deepcopy(self.base_unet), technique_setting(setting), calibration)
@@ -181,7 +183,13 @@ class Runner:
             technique = self.plan.techniques.get(setting.technique)
             declared = {c.name for c in technique.columns} if technique else set()
             fields = schema.assemble_row(
-                protocol, dict(setting.params), measured, compressed.fields, self.quality(sampled.images), declared
+                protocol,
+                dict(setting.params),
+                measured,
+                compressed.fields,
+                # NaN pixels were zeroed for the PNGs: comparing those would report a perfect match
+                self.quality(sampled.images) if sampled.nonfinite == 0 else {},
+                declared,
             )
             fields.setdefault("size_bytes", fields["size_dense_bytes"])
             results.append(fields)
@@ -189,16 +197,34 @@ class Runner:
             self.sd.model.swap_unet(self.base_unet)
 
     def save_images(self, setting: Setting, images: list[np.ndarray]) -> None:
+        """PNGs and a grid, each written atomically (another agent may be reading the baseline's)."""
         folder = self.plan.run_dir / "images" / setting.slug
         folder.mkdir(parents=True, exist_ok=True)
         pil = [Image.fromarray(a) for a in images]
         for i, image in enumerate(pil):
-            image.save(folder / f"{i:04d}.png")
-        report.make_grid(pil, cols=min(8, len(pil))).save(self.plan.run_dir / "images" / f"{setting.slug}-grid.png")
+            write_atomic(folder / f"{i:04d}.png", _png(image))
+        grid = report.make_grid(pil, cols=min(8, len(pil)))
+        write_atomic(self.plan.run_dir / "images" / f"{setting.slug}-grid.png", _png(grid))
 
-    def load_images(self, setting: Setting) -> list[np.ndarray]:
+    def load_images(self, setting: Setting) -> list[np.ndarray] | None:
+        """The saved images of a finished setting; None when some are missing or unreadable."""
         folder = self.plan.run_dir / "images" / setting.slug
-        return [np.asarray(Image.open(folder / f"{i:04d}.png").convert("RGB")) for i in range(len(self.plan.prompts))]
+        try:
+            return [
+                np.asarray(Image.open(folder / f"{i:04d}.png").convert("RGB")) for i in range(len(self.plan.prompts))
+            ]
+        except (OSError, ValueError) as e:  # deleted, truncated (PIL raises OSError), not an image
+            log.warning("%s: images unreadable (%s); sampling them again (the row is kept)", folder, first_line(e))
+            return None
+
+    def baseline_images(self, setting: Setting) -> list[np.ndarray]:
+        """The finished baseline's images, resampled (same seeds, same pixels) if they were lost."""
+        images = self.load_images(setting)
+        if images is None:
+            images = self.sample(self.plan.prompts, self.plan.seeds, desc="baseline (again)").images
+            if self.main:
+                self.save_images(setting, images)
+        return images
 
     # -- the sweep --------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -213,18 +239,26 @@ class Runner:
             for hint in [metric.unavailable()] if metric.unavailable() else metric.hints():
                 log.warning("%s: column(s) left empty: %s", metric.name, hint)
         for setting in tqdm(plan.settings, desc="sweep", disable=not self.main):
-            if setting.id in done:
-                if setting.technique == BASELINE:
-                    self.baseline = self.load_images(setting)
+            if setting.technique == BASELINE and setting.id in done:
+                self.baseline = self.baseline_images(setting)
                 continue
+            if setting.id in done or (self.state.num_processes == 1 and setting.id in results.finished()):
+                continue  # finished before, or meanwhile by another agent (sharded runs decide once, together)
             self.run_setting(setting, results)
             self.state.wait_for_everyone()
         if self.main:
-            rows = report.read_rows(results.path)
-            plots = report.write_report(plan.run_dir, rows)
-            plan.finish(rows, plots)
+            with results.lock:  # agents into one folder: one report at a time, from all rows
+                rows = results.rows()
+                plots = report.write_report(plan.run_dir, rows)
+                plan.finish(rows, plots)
         self.state.wait_for_everyone()
         return plan.run_dir
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def set_threads(state: PartialState) -> None:

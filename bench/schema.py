@@ -27,7 +27,10 @@ HEAD: tuple[Column, ...] = (
     Column("backend", "pytorch or onnxruntime", plot=False),
     Column("kernels", "what really ran: dense fp32, int8, int8-weight-only, int4..., or simulated (fake quant)",
            plot=False),
-    Column("status", "ok, or nonfinite (NaN/Inf in some outputs; the sweep goes on)", plot=False),
+    Column("dtype", "pipeline dtype (fp32, fp16, bf16): what the uncompressed parts and the baseline ran in",
+           plot=False),
+    Column("status", "ok, or nonfinite (NaN/Inf in some outputs; the sweep goes on; quality columns left empty)",
+           plot=False),
     # protocol: every quality number carries how it was made
     Column("model", "preset name and checkpoint file", plot=False),
     Column("n_images", "images generated for this setting (same prompts and seeds in every row)", plot=False),
@@ -127,7 +130,7 @@ def _cell(value: Any) -> str:
         return repr(value) if not math.isinf(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, sort_keys=True)
-    return str(value)
+    return " ".join(str(value).splitlines())  # one row per line: what lets a resume read row by row
 
 
 def make_row(values: Mapping[str, Any]) -> dict[str, str]:

@@ -12,7 +12,6 @@ import logging
 import platform
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +29,7 @@ from .data import COCO_DIR, PromptSet, ReferenceSet, file_sha256, load_prompts, 
 from .metrics.base import Metric
 from .modifiers.base import expand, modifier_axes, technique_setting
 from .registry import METRICS, TECHNIQUES
+from .results import run_lock, update_manifest
 from .techniques.base import BASELINE, Setting, Technique, parse_setting_id
 
 log = logging.getLogger(__name__)
@@ -86,17 +86,21 @@ class SweepOptions:
             raise InputError(f"--latency-repeats must be >= 1, got {self.latency_repeats}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise InputError(f"--wandb-mode must be offline, online or disabled, got {self.wandb_mode!r}")
+        if self.run_id is not None and (self.run_id in ("", ".", "..") or any(c in self.run_id for c in "/\\\0")):
+            raise InputError(f"--run-id {self.run_id!r} must be a plain folder name inside --out (no '/', no '..')")
 
     def digest(self, model_id: str, with_settings: bool = True) -> str:
         """Hash of everything that changes the rows (not output location, W&B or resume flags).
 
         Without settings it is the protocol digest: rows of several sweeps may share one run folder
-        (`--run-id`, e.g. W&B sweep agents) only when they share the protocol.
+        (`--run-id`, e.g. W&B sweep agents, each with its own `--setting`) only when they share the protocol.
         """
-        skip = {"out", "run_id", "resume", "wandb_project", "wandb_mode"}
+        skip = {"out", "run_id", "resume", "wandb_project", "wandb_mode", "unsafe_load"}
         if not with_settings:
-            skip |= {"techniques", "axes"}
+            skip |= {"techniques", "axes", "only"}  # which rows, not how they are made
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
+        if hasattr(self, "height"):  # resolved by the plan: "None" (the preset's) and "64x64" are one protocol
+            keep["resolution"] = [self.height, self.width]
         keep["model"] = model_id
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -149,6 +153,7 @@ class SweepPlan:
         self.pipeline = self._load_model(device)
         cfg = self.pipeline.cfg
         o.height, o.width = o.resolution or (cfg.resolution, cfg.resolution)
+        self.pipeline.check(steps=o.steps, guidance=o.guidance, height=o.height, width=o.width, sampler=o.sampler)
 
         self.reference = load_reference(o.reference or COCO_DIR / "images", o.reference_captions)
         prompt_set: PromptSet = load_prompts(o.prompts, self.reference)
@@ -163,6 +168,8 @@ class SweepPlan:
         calib_source = "shapes" if o.prompts == "shapes" else "coco"
         self.calibration_prompts = load_prompts(calib_source, self.reference, caption_index=1).prompts[:n_calib]
         self.metrics = build_metrics(o, self.reference)
+        for metric in self.metrics:
+            metric.prepare()  # bad weights fail here (exit 2), before anything is sampled or written
 
         self.model_sha256 = file_sha256(self.checkpoint)
         self.run_id = o.run_id or f"{'+'.join(o.techniques)}-{cfg.name}-{o.digest(self.model_sha256)}"
@@ -187,6 +194,10 @@ class SweepPlan:
         match = [s for s in technique_settings(technique, axes) if s.id == text]
         if not match:
             raise InputError(f"--setting {text!r} is not a valid {name} setting")
+        for axis, value in match[0].params.items():  # axes given for this sweep bound what --setting may ask
+            given = self.options.axes.get(axis)
+            if axis in {a.name for a in technique.axes} and given is not None and value not in given:
+                raise InputError(f"--setting {text!r}: {axis}={value} is outside this sweep's {axis} {given}")
         return match[0]
 
     def _skipped(self, setting: Setting, device: torch.device | str) -> bool:
@@ -227,6 +238,7 @@ class SweepPlan:
             "guidance": s["guidance"],
             "seed": self.options.seed,
             "prompts": self.prompt_set.describe(),
+            "dtype": self.options.dtype,
         }
 
     def manifest(self) -> dict[str, Any]:
@@ -249,25 +261,13 @@ class SweepPlan:
         }
 
     def _write_manifest(self) -> None:
-        path = self.run_dir / "manifest.json"
-        data = self.manifest()
-        if path.exists():
-            old = json.loads(path.read_text())
-            if old.get("protocol_digest") != data["protocol_digest"]:
-                raise InputError(
-                    f"{self.run_dir} holds a sweep with another protocol (model, prompts, sampler, steps, seed, "
-                    "metrics...); use another --run-id or --out"
-                )
-            data["started"] = old.get("started")
-            data["resumed"] = [*old.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S")]
-        else:
-            data["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        path.write_text(json.dumps(data, indent=2, default=str))
+        with run_lock(self.run_dir):
+            update_manifest(self.run_dir / "manifest.json", self.manifest())
 
     def finish(self, rows: list[dict[str, str]], plots: list[Path]) -> None:
         """W&B run (offline by default), W&B sweep configs for spreading settings over machines."""
         o = self.options
-        for name in self.techniques:
+        for name in self.techniques if not o.only else []:  # an agent's --setting must not shrink the grid
             ids = [s.id for s in self.settings if s.technique == name]
             if ids:
                 path = self.run_dir / f"wandb_sweep_{name}.yaml"

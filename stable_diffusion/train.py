@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import save_checkpoint
+from .checkpoint import safe_load_object, save_checkpoint
 from .config import SDConfig, get_config
+from .errors import InputError
 from .model import LatentDiffusion
 from .samplers import alphas_cumprod
 from .shapes import ShapesDataset
@@ -257,7 +258,11 @@ class Trainer:
         tmp.replace(self.state_path)
 
     def load_state(self) -> None:
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        state = safe_load_object(self.state_path, "training state")  # weights_only: a planted pickle cannot run
+        if not isinstance(state, dict):
+            raise InputError(
+                f"training state {self.state_path}: not a state dict; delete it or pass another --work-dir"
+            )
         self.model.load_state_dict(state["model"])
         self.vae_opt.load_state_dict(state["vae_opt"])
         self.unet_opt.load_state_dict(state["unet_opt"])
