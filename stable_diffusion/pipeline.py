@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model
-from .config import SDConfig
+from .checkpoint import load_model, load_unet_into
+from .config import SDConfig, get_config
 from .errors import InputError
 from .model import LatentDiffusion
 from .samplers import make_sampler
@@ -153,3 +153,35 @@ class StableDiffusion:
         """Scaled latents -> pixels in [0, 1]."""
         image = self.model.vae.decode(latents / self.cfg.scale_factor)
         return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_device(device: torch.device | str) -> None:
+    """A CUDA device asked for on a machine without one is a user error, not a silent CPU run."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+
+
+def load_pipeline(
+    checkpoint: str | Path | None = None,
+    config: str | None = None,
+    unet: str | Path | None = None,
+    dtype: str = "fp32",
+    device: torch.device | str = "cpu",
+    unsafe: bool = False,
+) -> StableDiffusion:
+    """The pipeline every command samples with: a v1 checkpoint (default: the embedded tiny model), its
+    preset (recognised from the file unless `config` names one), optionally another UNet swapped in."""
+    from .defaults import embedded_checkpoint  # defaults builds a model: imported on use
+
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    check_device(device)
+    cfg = get_config(config) if config else None
+    sd = StableDiffusion.from_checkpoint(checkpoint or embedded_checkpoint(), cfg, dtype=DTYPES[dtype], device=device,
+                                         unsafe=unsafe)  # fmt: skip
+    if unet:
+        load_unet_into(sd.model, unet, unsafe=unsafe)
+    return sd
