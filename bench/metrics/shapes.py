@@ -25,7 +25,7 @@ from stable_diffusion.shapes import VOCAB, ShapesDataset, parse_caption
 from ..data import file_sha256
 from ..registry import METRICS, Column
 from .base import Metric
-from .fid import FID, FID_CACHE
+from .fid import FID, FID_CACHE, fid_columns
 
 HEADS = tuple(VOCAB)
 CHANCE_ALL = 1.0 / float(torch.tensor([len(v) for v in VOCAB.values()]).prod())
@@ -123,14 +123,10 @@ class ShapesFID(FID):
 
     name = "shapes_fid"
     order = 50
-    columns = (
-        Column("shapes_fid", "FID on shapes-classifier features vs held-out generator images (not comparable with FID)",
-               label="shapes-FID vs held-out generator images", better="lower",
-               ci=("shapes_fid_ci_low", "shapes_fid_ci_high")),
-        Column("shapes_fid_ci_low", "bootstrap 95% CI, low", plot=False),
-        Column("shapes_fid_ci_high", "bootstrap 95% CI, high", plot=False),
-        Column("shapes_fid_n", "generated images in the shapes-FID", plot=False),
-        Column("shapes_fid_features", "shapes-classifier weights sha256 prefix", plot=False),
+    columns = fid_columns(
+        "shapes_fid", "FID on shapes-classifier features vs held-out generator images (not comparable with FID)",
+        "shapes-FID vs held-out generator images", "generated images in the shapes-FID",
+        "shapes-classifier weights sha256 prefix",
     )  # fmt: skip
 
     @classmethod
