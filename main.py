@@ -19,15 +19,14 @@ try:  # Ctrl-C while torch imports (seconds): one line, not a traceback
     import torch
 
     from bench.cli import add_sweep_args, parse_resolution
-    from stable_diffusion.config import PRESETS, get_config
+    from stable_diffusion.config import PRESETS
     from stable_diffusion.errors import InputError, SDBenchError, first_line
+    from stable_diffusion.pipeline import DTYPES, check_device, load_pipeline
 except KeyboardInterrupt:
     sys.stderr.write("interrupted\n")
     sys.exit(130)
 
 log = logging.getLogger("sdbench")
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -51,22 +50,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def check_device(name: str) -> str:
-    """A device this machine has: cpu, or cuda[:N] when CUDA is available (not meta, not a typo)."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise InputError(f"--device {name!r} is not a device; use cpu or cuda") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise InputError(f"--device {name!r} cannot run the benchmark; use cpu or cuda")
-    return name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,25 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_pipeline(args: argparse.Namespace):
-    from stable_diffusion.checkpoint import load_unet_into
-    from stable_diffusion.defaults import embedded_checkpoint
-    from stable_diffusion.pipeline import StableDiffusion
-
-    check_device(args.device)
-    path = args.checkpoint or embedded_checkpoint()
-    cfg = get_config(args.config) if args.config else None
-    sd = StableDiffusion.from_checkpoint(
-        path, cfg, dtype=DTYPES[args.dtype], device=args.device, unsafe=args.unsafe_load
-    )
-    if args.unet:
-        load_unet_into(sd.model, args.unet, unsafe=args.unsafe_load)
-    log.info("model %s from %s (%s, %s)", sd.cfg.name, path, args.dtype, args.device)
-    return sd
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    sd = load_pipeline(args)
+    sd = load_pipeline(args.checkpoint, args.config, args.unet, args.dtype, args.device, args.unsafe_load)
+    log.info("model %s (%s, %s)", sd.cfg.name, args.dtype, args.device)
     height, width = args.resolution or (None, None)
     result = sd(
         args.prompt,
@@ -150,7 +117,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from bench.sweep import SweepPlan
 
     options = options_from_args(args, args.resolution)
-    check_device(args.device)
+    check_device(args.device)  # before accelerate picks a device of its own
     state = PartialState(cpu=args.device == "cpu")
     set_threads(state)
     plan = SweepPlan(options, device=state.device, is_main=state.is_main_process)

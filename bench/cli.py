@@ -18,7 +18,7 @@ from stable_diffusion.errors import InputError
 
 from .modifiers.base import modifier_axes
 from .registry import TECHNIQUES, Axis
-from .sweep import SweepOptions
+from .sweep import RESOLVED, SweepOptions
 
 PATH_FIELDS = {
     "checkpoint",
@@ -177,7 +177,7 @@ def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | No
     if not isinstance(file.get("sweep", {}), dict):
         raise InputError(f"[sweep] in {args.config_file} must be a table")
     run = dict(file.get("sweep", {}))
-    fields = {f.name for f in dataclasses.fields(SweepOptions)} - {"axes"}
+    fields = {f.name for f in dataclasses.fields(SweepOptions)} - {"axes", *RESOLVED}
     if unknown := set(run) - fields:
         raise InputError(f"unknown [sweep] keys in {args.config_file}: {', '.join(sorted(unknown))}")
     run = {key: _typed(key, value, args.config_file) for key, value in run.items()}
@@ -209,3 +209,13 @@ def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | No
         if raw is not None:
             axes[axis] = spec.values(raw)
     return SweepOptions(axes=axes, **run)
+
+
+def agent_args(o: SweepOptions, run_id: str) -> list[str]:
+    """CLI flags that reproduce a sweep's protocol and run folder (for W&B sweep agents)."""
+    args = ["--num-images", str(o.num_images), "--steps", str(o.steps), "--sampler", o.sampler]
+    args += ["--guidance", str(o.guidance), "--seed", str(o.seed), "--prompts", o.prompts]
+    args += ["--resolution", f"{o.width}x{o.height}", "--run-id", run_id]
+    if o.checkpoint:
+        args += ["--checkpoint", str(o.checkpoint)]
+    return args

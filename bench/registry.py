@@ -125,9 +125,9 @@ class Registry(Generic[T]):
             return
         self._discovered = True
         package = import_module(self.package)
-        for info in pkgutil.iter_modules(package.__path__):
-            if not info.name.startswith("_"):
-                import_module(f"{self.package}.{info.name}")
+        for info in pkgutil.walk_packages(package.__path__, prefix=f"{self.package}."):
+            if not info.name.rpartition(".")[2].startswith("_"):
+                import_module(info.name)
 
     def names(self) -> list[str]:
         self.discover()

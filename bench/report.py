@@ -1,4 +1,4 @@
-"""Plots, W&B logging and W&B sweep files, all built from a finished `results.csv`.
+"""Plots and image grids, all built from a finished `results.csv` (W&B: `bench.wandb_report`).
 
 Why a separate step: the sweep runner must never lose a row to a plotting or W&B problem, so it only
 writes the CSV; everything here reads it back and can be re-run on any results dir. Figures are made
@@ -7,7 +7,6 @@ with matplotlib's object API on the Agg canvas (no pyplot global state, no displ
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -56,7 +55,7 @@ def _value(row: Row | None, column: str) -> float | None:
     return None if row is None else parse_float(row.get(column, ""))
 
 
-def _finite(row: Row | None, column: str) -> float | None:
+def finite(row: Row | None, column: str) -> float | None:
     return v if (v := _value(row, column)) is not None and math.isfinite(v) else None
 
 
@@ -130,7 +129,7 @@ def metric_columns(rows: Sequence[Row]) -> list[str]:
     known = {c.name: c for c in schema.columns()}
     columns = list(dict.fromkeys([*known, *(k for r in rows for k in r)]))
     plotted = [c for c in columns if c not in known or known[c].plot]
-    return [c for c in plotted if any(_finite(r, c) is not None for r in rows)]
+    return [c for c in plotted if any(finite(r, c) is not None for r in rows)]
 
 
 def _new_figure(size: tuple[float, float] = (7.5, 4.8)) -> Figure:
@@ -145,7 +144,7 @@ def _ci(metric: str) -> tuple[str, str] | None:
 
 
 def _ci_err(row: Row, y: float, ci: tuple[str, str]) -> tuple[float, float]:
-    low, high = _finite(row, ci[0]), _finite(row, ci[1])
+    low, high = finite(row, ci[0]), finite(row, ci[1])
     return (y - low if low is not None else 0.0, high - y if high is not None else 0.0)
 
 
@@ -196,11 +195,11 @@ def _draw_vs_x(ax: Any, rows: Sequence[Row], metric: str, scale: float, axis: st
     keys, backends, ci = _varying(rows, skip={axis}), {r.get("backend", "") for r in rows}, _ci(metric)
     groups: dict[str, list[Row]] = {}
     for row in rows:
-        if _finite(row, metric) is not None:
+        if finite(row, metric) is not None:
             groups.setdefault(_label(row, keys, backends), []).append(row)
     for name, group in groups.items():
         group = sorted(group, key=lambda r: _x(r, axis) or 0.0)
-        ys = [_finite(r, metric) or 0.0 for r in group]
+        ys = [finite(r, metric) or 0.0 for r in group]
         errs = [_ci_err(r, y, ci) for r, y in zip(group, ys, strict=True)] if ci else []
         yerr = [[e[0] for e in errs], [e[1] for e in errs]] if ci else None
         ax.errorbar([_x(r, axis) for r in group], [y * scale for y in ys], yerr=yerr, marker="o", ms=4, capsize=3,
@@ -212,7 +211,7 @@ def _draw_per_setting(ax: Any, rows: Sequence[Row], metric: str, scale: float) -
     labels, any_simulated = [], False
     for i, row in enumerate(rows):
         labels.append((_label(row, keys, backends) or row.get("setting_id", "?")).replace(", ", "\n"))
-        y = _finite(row, metric)
+        y = finite(row, metric)
         if y is None:
             ax.annotate("not measured", (i, 0), xycoords=("data", "axes fraction"), ha="center", fontsize=7,
                         xytext=(0, 4), textcoords="offset points", color="0.4")  # fmt: skip
@@ -246,7 +245,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 def pick_quality(rows: Sequence[Row], quality: str = "psnr", cost: str = "latency_step_p50_ms") -> str:
     """`quality` if some row has a finite value and a cost, else fid, else ssim (offline runs lack fid)."""
     for candidate in dict.fromkeys([quality, "fid", "ssim"]):
-        if any(_finite(r, candidate) is not None and _finite(r, cost) is not None for r in rows):
+        if any(finite(r, candidate) is not None and finite(r, cost) is not None for r in rows):
             return candidate
     return quality
 
@@ -259,13 +258,13 @@ def pareto_rows(rows: Sequence[Row], quality: str, cost: str) -> list[int]:
     """
     sign = -1.0 if _lower_is_better(quality) else 1.0
     idx = [i for i, r in enumerate(rows) if _plottable(r, quality, cost) and r.get("kernels") != "simulated"]
-    points = [(sign * (_value(rows[i], quality) or 0.0), _finite(rows[i], cost) or 0.0) for i in idx]
+    points = [(sign * (_value(rows[i], quality) or 0.0), finite(rows[i], cost) or 0.0) for i in idx]
     return [idx[j] for j in pareto_front(points)]
 
 
 def _plottable(row: Row, quality: str, cost: str) -> bool:
     q = _value(row, quality)
-    return q is not None and not math.isnan(q) and _finite(row, cost) is not None
+    return q is not None and not math.isnan(q) and finite(row, cost) is not None
 
 
 def plot_pareto(
@@ -297,7 +296,7 @@ def plot_pareto(
     lo, hi = min(finite), max(finite)
     pad = 0.08 * (hi - lo) if hi > lo else 1.0
     ys = [q if math.isfinite(q) else (hi + pad if q > 0 else lo - pad) for q in qs]
-    xs = [(_finite(r, cost) or 0.0) * cscale for r in rows]
+    xs = [(finite(r, cost) or 0.0) * cscale for r in rows]
     techniques = list(dict.fromkeys(r.get("technique", "") for r in rows))
     backends = list(dict.fromkeys(r.get("backend", "") for r in rows))
     handles: dict[str, Line2D] = {}
@@ -341,103 +340,6 @@ def make_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
     for i, im in enumerate(images):
         grid.paste(im.convert(images[0].mode), ((i % cols) * size[0], (i // cols) * size[1]))
     return grid
-
-
-def _table_data(rows: Sequence[Row]) -> tuple[list[str], list[list[Any]]]:
-    """Schema columns (unique: W&B needs unique names) and cells; numeric columns as floats.
-
-    A column is numeric when every non-empty cell parses as a float; empty and non-finite cells become
-    None (the W&B frontend cannot read JSON Infinity, so the baseline's psnr=inf shows as empty there).
-    """
-    columns = list(dict.fromkeys(schema.column_names()))
-    cells = {c: [r.get(c, "") for r in rows if r.get(c, "")] for c in columns}
-    numeric = {c for c, v in cells.items() if v and all(parse_float(x) is not None for x in v)}
-    return columns, [[_finite(r, c) if c in numeric else r.get(c, "") for c in columns] for r in rows]
-
-
-def log_wandb(
-    run_dir: Path | str,
-    project: str = "sdbench",
-    mode: str = "offline",
-    config: Mapping[str, Any] | None = None,
-    rows: Sequence[Row] = (),
-    image_grids: Mapping[str, Path | str] | None = None,
-    plots: Sequence[Path | str] = (),
-    run_name: str | None = None,
-) -> str | None:
-    """Log one W&B run (results table, per-setting grids, plots); return its offline dir or URL.
-
-    Offline by default: the run lands in `run_dir/wandb/offline-run-*` and `wandb sync` uploads it later.
-    Any W&B failure (missing package, init error, ...) is a warning and None: the CSV is the record.
-    """
-    if mode not in ("offline", "online", "disabled"):
-        raise ValueError(f"W&B mode must be offline, online or disabled, not {mode!r}")
-    try:
-        import wandb
-    except Exception as exc:
-        logger.warning("W&B not available (%s); results are in results.csv only", exc)
-        return None
-    run = None
-    try:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        run = wandb.init(project=project, mode=mode, dir=str(run_dir), config=dict(config or {}), name=run_name,
-                         reinit="finish_previous")  # fmt: skip
-        columns, data = _table_data(rows)
-        payload: dict[str, Any] = {"results": wandb.Table(columns=columns, data=data)}
-        for setting_id, grid in (image_grids or {}).items():
-            payload[f"grid/{setting_id}"] = wandb.Image(str(grid), caption=setting_id)
-        for plot in map(Path, plots):
-            payload[f"plot/{plot.stem}"] = wandb.Image(str(plot), caption=plot.name)
-        run.log(payload)
-        where = {"offline": str(Path(run.dir).parent), "online": run.url}.get(mode)
-        run.finish()
-        return where
-    except Exception as exc:
-        logger.warning("W&B logging failed (%s: %s); results are in results.csv", type(exc).__name__, exc)
-        if run is not None:
-            with contextlib.suppress(Exception):
-                run.finish(exit_code=1)
-        return None
-
-
-_SWEEP_HEADER = """\
-# W&B sweep for `main.py --sweep {technique}`: spreads the settings of one grid over machines.
-#   wandb sweep {name}        # prints a sweep ID
-#   wandb agent <ID>          # on each machine; each agent runs settings one by one
-# Each agent gets one `--setting=<id>` (or one value per axis as --<axis>=<value>) and also computes the
-# FP32 baseline it compares against. The command keeps this run's --run-id: on a shared filesystem all rows
-# land in one results/<run_id>/results.csv (run the baseline first so agents reuse it instead of racing).
-"""
-
-
-def write_wandb_sweep(
-    path: Path | str, technique: str, axes: Mapping[str, Sequence[Any]], base_args: Sequence[str] = ()
-) -> Path:
-    """A grid-sweep YAML whose parameters are the technique's axes, as CLI flags (`_` becomes `-`)."""
-    path = Path(path)
-    parameters: dict[str, Any] = {}
-    for axis, values in axes.items():
-        values = [v if isinstance(v, bool | int | float) else str(v) for v in values]
-        splits = axis != "setting"  # --setting takes one whole setting id; axis flags split on commas
-        if not values or (splits and any(isinstance(v, str) and "," in v for v in values)):
-            raise ValueError(f"sweep axis {axis!r} needs values without commas (the CLI splits on them)")
-        parameters[axis.replace("_", "-")] = {"values": values}
-    spec = {
-        "program": "main.py",
-        "name": f"sdbench-{technique}",
-        "method": "grid",
-        "command": ["${env}", "python", "${program}", "--sweep", technique, *map(str, base_args), "${args}"],
-        "parameters": parameters,
-    }
-    try:
-        import yaml
-
-        body = yaml.safe_dump(spec, sort_keys=False, default_flow_style=None)
-    except ImportError:  # JSON is valid YAML
-        body = json.dumps(spec, indent=2) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, _SWEEP_HEADER.format(technique=technique, name=path.name) + body)
-    return path
 
 
 def write_report(run_dir: Path | str, rows: Sequence[Row]) -> list[Path]:

@@ -88,11 +88,9 @@ class ResultsFile:
             write_atomic(self.path, schema.header_line())
             return
         lines = self.path.read_bytes().splitlines(keepends=True)
-        if lines[0] != schema.header_line().encode():
-            raise InputError(
-                f"{self.path} has another column layout (written by another sdbench version?); "
-                "use a new --run-id or --out"
-            )
+        upgraded = lines[0] != schema.header_line().encode()
+        if upgraded:
+            lines = self._upgrade(lines)
         kept, bad, seen = [lines[0]], [], set()
         for number, line in enumerate(lines[1:], start=2):
             row = parse_line(line)
@@ -111,7 +109,40 @@ class ResultsFile:
                 f.write(b"".join(bad))
                 f.flush()
                 os.fsync(f.fileno())
+        if bad or upgraded:
             write_atomic(self.path, b"".join(kept))
+
+    def _upgrade(self, lines: list[bytes]) -> list[bytes]:
+        """Rows written under an older header, rewritten under today's (cell for cell; new columns empty,
+        columns that no longer exist kept in `extra`), so an old run folder resumes. Lines that do not
+        parse under the old header are passed through unchanged, to be quarantined by the caller."""
+        try:
+            old = next(csv.reader([lines[0].decode("utf-8").rstrip("\r\n")], strict=True))
+        except (UnicodeDecodeError, csv.Error, StopIteration):
+            old = []
+        if "setting_id" not in old or "technique" not in old:
+            raise InputError(f"{self.path} is not an sdbench results file (no setting_id/technique header)")
+        out = [schema.header_line().encode()]
+        for line in lines[1:]:
+            try:
+                cells = next(csv.reader([line.decode("utf-8").rstrip("\r\n")], strict=True), None)
+            except (UnicodeDecodeError, csv.Error):
+                cells = None
+            if cells is None or len(cells) != len(old) or not line.endswith(b"\n"):
+                out.append(line)
+                continue
+            values: dict[str, Any] = dict(zip(old, cells, strict=True))
+            try:
+                extra = json.loads(values.pop("extra", "") or "{}")
+            except ValueError:
+                out.append(line)
+                continue
+            gone = {k: v for k, v in values.items() if k not in schema.column_names() and v != ""}
+            row = {k: v for k, v in values.items() if k in schema.column_names()}
+            row["extra"] = json.dumps({**extra, **gone}, sort_keys=True) if extra or gone else ""
+            out.append(schema.row_line({**{c: "" for c in schema.column_names()}, **row}).encode())
+        log.warning("%s: written by an older sdbench (other columns); rewritten under today's header", self.path)
+        return out
 
     @property
     def quarantine(self) -> Path:

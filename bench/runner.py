@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 from stable_diffusion.errors import first_line
 from stable_diffusion.pipeline import StableDiffusion
 
-from . import cost, report, schema
+from . import cost, report, schema, wandb_report
 from .calibration import Calibration, Recorder
+from .cli import agent_args
 from .modifiers.base import ApplyContext, modifiers_for, technique_setting
 from .results import ResultsFile, write_atomic
 from .sweep import SweepPlan
@@ -248,11 +249,28 @@ class Runner:
             self.state.wait_for_everyone()
         if self.main:
             with results.lock:  # agents into one folder: one report at a time, from all rows
-                rows = results.rows()
-                plots = report.write_report(plan.run_dir, rows)
-                plan.finish(rows, plots)
+                self.report(results)
         self.state.wait_for_everyone()
         return plan.run_dir
+
+    def report(self, results: ResultsFile) -> None:
+        """Plots, W&B sweep files (spread settings over machines) and the W&B run, from the finished CSV."""
+        plan, o = self.plan, self.plan.options
+        rows = results.rows()
+        plots = report.write_report(plan.run_dir, rows)
+        for name in plan.techniques if not o.only else []:  # an agent's --setting must not shrink the grid
+            ids = [s.id for s in plan.settings if s.technique == name]
+            if ids:
+                path = plan.run_dir / f"wandb_sweep_{name}.yaml"
+                wandb_report.write_wandb_sweep(path, name, {"setting": ids}, agent_args(o, plan.run_id))
+        grids = {s.id: plan.run_dir / "images" / f"{s.slug}-grid.png" for s in plan.settings}
+        if o.wandb_mode != "disabled":
+            where = wandb_report.log_wandb(
+                plan.run_dir, o.wandb_project, o.wandb_mode, plan.manifest(), rows,
+                {k: v for k, v in grids.items() if v.exists()}, plots, plan.run_id,
+            )  # fmt: skip
+            log.info("W&B run (%s): %s", o.wandb_mode, where)
+        log.info("results: %s", results.path)
 
 
 def _png(image: Image.Image) -> bytes:

@@ -10,22 +10,19 @@ import hashlib
 import json
 import logging
 import platform
-import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
-from importlib import metadata
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stable_diffusion.checkpoint import load_unet_into
 from stable_diffusion.defaults import REPO_ROOT, embedded_checkpoint
 from stable_diffusion.errors import InputError
-from stable_diffusion.pipeline import StableDiffusion
+from stable_diffusion.pipeline import load_pipeline
 
-from . import report
 from .data import COCO_DIR, PromptSet, ReferenceSet, file_sha256, load_prompts, load_reference
+from .manifest import git_sha, versions
 from .metrics.base import Metric
 from .modifiers.base import expand, modifier_axes, technique_setting
 from .registry import METRICS, TECHNIQUES
@@ -34,17 +31,14 @@ from .techniques.base import BASELINE, Setting, Technique, parse_setting_id
 
 log = logging.getLogger(__name__)
 
-PACKAGES = [
-    "torch",
-    "diffusers",
-    "transformers",
-    "torchmetrics",
-    "open_clip_torch",
-    "onnxruntime",
-    "accelerate",
-    "wandb",
-]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# SweepOptions fields of the first version: they stay in the digest as they were, so run folders made then
+# still resume; options added since enter it only when set to something other than their default.
+DIGEST_V1 = {
+    "techniques", "axes", "checkpoint", "config", "unet", "unsafe_load", "dtype", "device", "prompts", "num_images",
+    "steps", "sampler", "guidance", "seed", "resolution", "only", "reference", "reference_captions", "fid_weights",
+    "clip_weights", "clip_model", "lpips_weights", "allow_download", "latency_repeats",
+}  # fmt: skip
+RESOLVED = {"height", "width"}  # SweepOptions fields the plan fills in (not options: not in the digest)
 
 
 @dataclass
@@ -78,6 +72,8 @@ class SweepOptions:
     latency_repeats: int = 5
     wandb_project: str = "sdbench"
     wandb_mode: str = "offline"
+    height: int | None = None  # resolved by the plan: --resolution or the preset's
+    width: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_images < 1:
@@ -89,38 +85,30 @@ class SweepOptions:
         if self.run_id is not None and (self.run_id in ("", ".", "..") or any(c in self.run_id for c in "/\\\0")):
             raise InputError(f"--run-id {self.run_id!r} must be a plain folder name inside --out (no '/', no '..')")
 
-    def digest(self, model_id: str, with_settings: bool = True) -> str:
+    def digest(
+        self, model_id: str, with_settings: bool = True, default_resolution: tuple[int, int] | None = None
+    ) -> str:
         """Hash of everything that changes the rows (not output location, W&B or resume flags).
 
         Without settings it is the protocol digest: rows of several sweeps may share one run folder
         (`--run-id`, e.g. W&B sweep agents, each with its own `--setting`) only when they share the protocol.
         """
-        skip = {"out", "run_id", "resume", "wandb_project", "wandb_mode", "unsafe_load"}
+        skip = {"out", "run_id", "resume", "wandb_project", "wandb_mode", *RESOLVED}
         if not with_settings:
-            skip |= {"techniques", "axes", "only"}  # which rows, not how they are made
-        keep = {k: v for k, v in asdict(self).items() if k not in skip}
-        if hasattr(self, "height"):  # resolved by the plan: "None" (the preset's) and "64x64" are one protocol
-            keep["resolution"] = [self.height, self.width]
+            skip |= {"techniques", "axes"}
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        keep = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in skip and (k in DIGEST_V1 or v != defaults.get(k))  # a new option at its default: as before
+        }
+        if not with_settings:
+            keep["only"] = []  # which rows (an agent's --setting), not how they are made
+        if self.height is not None and default_resolution is not None:  # the preset's size given or not: one protocol
+            given = (self.height, self.width)
+            keep["resolution"] = None if given == default_resolution else list(given)
         keep["model"] = model_id
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def build_metrics(o: SweepOptions, reference: ReferenceSet) -> list[Metric]:
@@ -135,7 +123,10 @@ def technique_settings(technique: Technique, axes: dict[str, list[Any]]) -> list
 
 
 class SweepPlan:
-    """Everything resolved before the first row: model, prompts, settings, metrics, run folder."""
+    """Everything resolved before the first row: settings, model, resolution, prompts, metrics, run folder.
+
+    It plots nothing and logs nothing to W&B: the runner reports at the end (`Runner.report`).
+    """
 
     def __init__(self, options: SweepOptions, device: torch.device | str | None = None, is_main: bool = True) -> None:
         o = self.options = options
@@ -149,10 +140,11 @@ class SweepPlan:
                 if s.id not in {x.id for x in self.settings} and not self._skipped(s, device):
                     self.settings.append(s)
 
-        self.checkpoint = o.checkpoint or embedded_checkpoint()
-        self.pipeline = self._load_model(device)
+        self.checkpoint = Path(o.checkpoint or embedded_checkpoint())
+        self.pipeline = load_pipeline(self.checkpoint, o.config, o.unet, o.dtype, device, o.unsafe_load)
         cfg = self.pipeline.cfg
-        o.height, o.width = o.resolution or (cfg.resolution, cfg.resolution)
+        self.default_resolution = (cfg.resolution, cfg.resolution)
+        o.height, o.width = o.resolution or self.default_resolution
         self.pipeline.check(steps=o.steps, guidance=o.guidance, height=o.height, width=o.width, sampler=o.sampler)
 
         self.reference = load_reference(o.reference or COCO_DIR / "images", o.reference_captions)
@@ -172,14 +164,16 @@ class SweepPlan:
             metric.prepare()  # bad weights fail here (exit 2), before anything is sampled or written
 
         self.model_sha256 = file_sha256(self.checkpoint)
-        self.run_id = o.run_id or f"{'+'.join(o.techniques)}-{cfg.name}-{o.digest(self.model_sha256)}"
+        run_digest = o.digest(self.model_sha256, default_resolution=self.default_resolution)
+        self.run_id = o.run_id or f"{'+'.join(o.techniques)}-{cfg.name}-{run_digest}"
         self.run_dir = o.out / self.run_id
         try:
             (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"cannot write to output folder {self.run_dir}: {e}; pass a writable --out") from None
         if is_main:
-            self._write_manifest()
+            with run_lock(self.run_dir):
+                update_manifest(self.run_dir / "manifest.json", self.manifest())
 
     def _one_setting(self, text: str) -> Setting:
         """The setting a `--setting ID` names, rebuilt through its technique (so it is validated)."""
@@ -207,20 +201,6 @@ class SweepPlan:
             log.warning("skipping %s: %s", setting.id, reason)
         return reason is not None
 
-    def _load_model(self, device: torch.device | str) -> StableDiffusion:
-        o = self.options
-        from stable_diffusion.config import get_config
-
-        if o.dtype not in DTYPES:
-            raise InputError(f"unknown dtype {o.dtype!r}; choose from {', '.join(DTYPES)}")
-        cfg = get_config(o.config) if o.config else None
-        sd = StableDiffusion.from_checkpoint(
-            self.checkpoint, cfg, dtype=DTYPES[o.dtype], device=device, unsafe=o.unsafe_load
-        )
-        if o.unet:
-            load_unet_into(sd.model, o.unet, unsafe=o.unsafe_load)
-        return sd
-
     def sampling(self) -> dict[str, Any]:
         """Sampling options of every image (a row's `Compressed.sampling` may override some)."""
         o = self.options
@@ -245,10 +225,12 @@ class SweepPlan:
         o = self.options
         return {
             "run_id": self.run_id,
-            "protocol_digest": o.digest(self.model_sha256, with_settings=False),
+            "protocol_digest": o.digest(
+                self.model_sha256, with_settings=False, default_resolution=self.default_resolution
+            ),
             "command": sys.argv,
-            "git_sha": _git_sha(),
-            "versions": _versions(),
+            "git_sha": git_sha(),
+            "versions": versions(),
             "host": {"platform": platform.platform(), "threads": torch.get_num_threads()},
             "model": {"preset": self.pipeline.cfg.name, "file": str(self.checkpoint), "sha256": self.model_sha256},
             "protocol": self.row_protocol(),
@@ -259,34 +241,3 @@ class SweepPlan:
             "options": json.loads(json.dumps(asdict(o), default=str)),
             "settings": [s.id for s in self.settings],
         }
-
-    def _write_manifest(self) -> None:
-        with run_lock(self.run_dir):
-            update_manifest(self.run_dir / "manifest.json", self.manifest())
-
-    def finish(self, rows: list[dict[str, str]], plots: list[Path]) -> None:
-        """W&B run (offline by default), W&B sweep configs for spreading settings over machines."""
-        o = self.options
-        for name in self.techniques if not o.only else []:  # an agent's --setting must not shrink the grid
-            ids = [s.id for s in self.settings if s.technique == name]
-            if ids:
-                path = self.run_dir / f"wandb_sweep_{name}.yaml"
-                report.write_wandb_sweep(path, name, {"setting": ids}, self.base_args())
-        grids = {s.id: self.run_dir / "images" / f"{s.slug}-grid.png" for s in self.settings}
-        if o.wandb_mode != "disabled":
-            where = report.log_wandb(
-                self.run_dir, o.wandb_project, o.wandb_mode, self.manifest(), rows,
-                {k: v for k, v in grids.items() if v.exists()}, plots, self.run_id,
-            )  # fmt: skip
-            log.info("W&B run (%s): %s", o.wandb_mode, where)
-        log.info("results: %s", self.run_dir / "results.csv")
-
-    def base_args(self) -> list[str]:
-        """CLI flags that reproduce this sweep's protocol (for W&B sweep agents)."""
-        o = self.options
-        args = ["--num-images", str(o.num_images), "--steps", str(o.steps), "--sampler", o.sampler]
-        args += ["--guidance", str(o.guidance), "--seed", str(o.seed), "--prompts", o.prompts]
-        args += ["--resolution", f"{o.width}x{o.height}", "--run-id", self.run_id]
-        if o.checkpoint:
-            args += ["--checkpoint", str(o.checkpoint)]
-        return args

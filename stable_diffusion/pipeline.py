@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model
-from .config import SDConfig
+from .checkpoint import load_model, load_unet_into
+from .config import SDConfig, get_config
 from .errors import InputError, first_line
 from .model import LatentDiffusion
 from .samplers import make_sampler
@@ -158,3 +158,45 @@ class StableDiffusion:
         """Scaled latents -> pixels in [0, 1]."""
         image = self.model.vae.decode(latents / self.cfg.scale_factor)
         return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_device(name: torch.device | str) -> str:
+    """A device this machine has: cpu, or cuda[:N] when CUDA is available (not meta, not a typo)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise InputError(f"--device {name!r} cannot run the benchmark; use cpu or cuda")
+    return str(name)
+
+
+def load_pipeline(
+    checkpoint: str | Path | None = None,
+    config: str | None = None,
+    unet: str | Path | None = None,
+    dtype: str = "fp32",
+    device: torch.device | str = "cpu",
+    unsafe: bool = False,
+) -> StableDiffusion:
+    """The pipeline every command samples with: a v1 checkpoint (default: the embedded tiny model), its
+    preset (recognised from the file unless `config` names one), optionally another UNet swapped in."""
+    from .defaults import embedded_checkpoint  # defaults builds a model: imported on use
+
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    check_device(device)
+    cfg = get_config(config) if config else None
+    sd = StableDiffusion.from_checkpoint(checkpoint or embedded_checkpoint(), cfg, dtype=DTYPES[dtype], device=device,
+                                         unsafe=unsafe)  # fmt: skip
+    if unet:
+        load_unet_into(sd.model, unet, unsafe=unsafe)
+    return sd

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bench.onnx_backend import _shared_gemm_weights, own_gemm_weights, quantize
+from bench.techniques.onnx.backend import _shared_gemm_weights, own_gemm_weights, quantize
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.metrics.shapes import CHANCE_ALL, PromptAccuracy, ShapesFID, shapes_fid
-from bench.shapes_classifier import WEIGHTS, evaluate, load_classifier
+from bench.metrics.shapes_classifier import WEIGHTS, evaluate, load_classifier
 from stable_diffusion.shapes import ShapesDataset, to_tensor
 
 pytestmark = pytest.mark.skipif(not WEIGHTS.is_file(), reason="shipped shapes classifier weights missing")

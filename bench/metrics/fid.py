@@ -76,6 +76,17 @@ def fid_low_rank(mu_r: torch.Tensor, sigma_r: torch.Tensor, fake: torch.Tensor) 
     return float((mu_r - mu_g).square().sum() + sigma_r.trace() + trace_g - 2 * sqrt_trace)
 
 
+def fid_columns(name: str, meaning: str, label: str, n: str, features: str) -> tuple[Column, ...]:
+    """The five columns of an FID-like metric: value (with its bootstrap CI), CI bounds, N, features."""
+    return (
+        Column(name, meaning, label=label, better="lower", ci=(f"{name}_ci_low", f"{name}_ci_high")),
+        Column(f"{name}_ci_low", "bootstrap 95% CI, low", plot=False),
+        Column(f"{name}_ci_high", "bootstrap 95% CI, high", plot=False),
+        Column(f"{name}_n", n, plot=False),
+        Column(f"{name}_features", features, plot=False),
+    )
+
+
 @METRICS.register
 class FID(Metric):
     """FID (torchmetrics, Inception pool3 2048-d) vs `reference`, plus a seeded bootstrap 95 % CI.
@@ -93,13 +104,9 @@ class FID(Metric):
 
     name = "fid"
     order = 20
-    columns = (
-        Column("fid", "FID vs the reference set (empty without Inception weights); small N is biased and noisy",
-               label="FID vs reference set", better="lower", ci=("fid_ci_low", "fid_ci_high")),
-        Column("fid_ci_low", "bootstrap 95% CI, low", plot=False),
-        Column("fid_ci_high", "bootstrap 95% CI, high", plot=False),
-        Column("fid_n", "generated images in the FID", plot=False),
-        Column("fid_features", "feature extractor and weights sha256 prefix", plot=False),
+    columns = fid_columns(
+        "fid", "FID vs the reference set (empty without Inception weights); small N is biased and noisy",
+        "FID vs reference set", "generated images in the FID", "feature extractor and weights sha256 prefix",
     )  # fmt: skip
 
     @classmethod

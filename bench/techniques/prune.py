@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -52,12 +51,12 @@ from ..calibration import Calibration
 from ..cost import dense_size_bytes
 from ..registry import TECHNIQUES, Axis, Column, text
 from ..schema import CORE
+from . import layers
 from .base import Compressed, Setting, Technique, check_choice, grid
 
 METHODS = ["l1", "random"]
 SCOPES = ["layer", "global"]
 TARGETS = ["all", "linear", "conv", "attn", "down", "mid", "up", "inner", "outer"]
-ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 CHUNK = 1 << 19  # elements per step: the 2 MB score buffer and its indicators stay in cache
 EXACT_MAX = 1 << 18  # at most this many elements: take the exact k-th score, no sampling
 SAMPLE_MIN, SAMPLE_MAX = 1 << 16, 1 << 22
@@ -81,9 +80,7 @@ def parse_seed(value: Any) -> int:
     return int(value)
 
 
-def prunable_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Linear and Conv2d of `module`, in registration order (their position seeds random scores)."""
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+prunable_layers = layers.linear_and_conv  # every Linear and Conv2d weight can be pruned
 
 
 def block_levels(cfg: Any) -> tuple[list[int], list[int]]:
@@ -112,20 +109,17 @@ def target_layers(module: nn.Module, target: str) -> list[tuple[int, str, nn.Mod
     if target in ("inner", "outer") and not hasattr(cfg, "channel_mult"):
         raise InputError(f"target {target!r} needs a UNet (with .cfg); choose from: {', '.join(TARGETS[:4])}")
     keep = {
-        "all": lambda n, m: True,
-        "linear": lambda n, m: isinstance(m, nn.Linear),
-        "conv": lambda n, m: isinstance(m, nn.Conv2d),
-        "attn": lambda n, m: ATTN.search(n) is not None,
+        **{kind: lambda n, m, kind=kind: layers.is_kind(n, m, kind) for kind in layers.KINDS},
         "down": lambda n, m: n.startswith("input_blocks."),
         "mid": lambda n, m: n.startswith("middle_block."),
         "up": lambda n, m: n.startswith("output_blocks."),
         "inner": lambda n, m: _is_inner(n, cfg),
         "outer": lambda n, m: not _is_inner(n, cfg),
     }[target]
-    layers = [(i, n, m) for i, (n, m) in enumerate(prunable_layers(module)) if keep(n, m)]
-    if not layers:
+    selected = [(i, n, m) for i, (n, m) in enumerate(prunable_layers(module)) if keep(n, m)]
+    if not selected:
         raise InputError(f"target {target!r} selects no Linear/Conv2d layer of this module")
-    return layers
+    return selected
 
 
 class _Scores:
@@ -313,7 +307,7 @@ def measure(unet: nn.Module, targeted: list[str]) -> dict[str, Any]:
     counts, `pruned_layers` (targeted layers holding a zero) and sizes: the plain safetensors file (computed)
     and the `save_sparse` file (written to a temporary folder and deleted)."""
     weights = {name: m.weight for name, m in prunable_layers(unet)}
-    zeros = {name: w.numel() - int(torch.count_nonzero(w)) for name, w in weights.items()}
+    zeros = {name: layers.zeros(w) for name, w in weights.items()}
     n_target = sum(weights[n].numel() for n in targeted)
     sd = unet.state_dict()
     with tempfile.TemporaryDirectory(prefix="sdbench-prune-") as tmp:

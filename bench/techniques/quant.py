@@ -38,19 +38,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from stable_diffusion.errors import InputError
+from stable_diffusion.pipeline import DTYPES
 
 from ..calibration import Calibration, UNetCall
 from ..registry import TECHNIQUES, Axis, Column, positive_int, text
 from . import quant_ops as ops
 from .base import Compressed, Setting, Technique
+from .layers import KINDS, select
 
 MODES = ["dynamic-int8", "weight-int8", "weight-int4", "static-w8a8", "static-w8a8-timestep"]
 STATIC_MODES = ("static-w8a8", "static-w8a8-timestep")
 WEIGHT_BITS = {"dynamic-int8": 8, "weight-int8": 8, "weight-int4": 4, "static-w8a8": 8, "static-w8a8-timestep": 8}
-LAYER_CHOICES = ["all", "linear", "conv", "attn"]
 LINEAR_ONLY = ["linear", "attn"]  # the real-kernel modes quantize nn.Linear only
 GROUP_SIZES = [32, 64, 128, 256]  # what the CPU int4 kernel accepts
-ACT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+ACT_DTYPES = {k: DTYPES[k] for k in ("bf16", "fp32")}
 OBSERVERS = ["minmax", "percentile"]
 PERCENTILE = 99.99
 PERCENTILE_BUDGET = 2**16  # samples kept per layer and timestep group for the percentile observer
@@ -104,7 +105,7 @@ class Quantization(Technique):
         Axis("group_size", [32], positive_int, "int4 weight group size", GROUP_SIZES),
         Axis("act_dtype", ["bf16"], text, "activation dtype of the weight-only modes", list(ACT_DTYPES)),
         # default per mode: all (static), linear (real-kernel modes)
-        Axis("layers", ["all"], text, "layers to quantize (attn = attention projections)", LAYER_CHOICES),
+        Axis("layers", ["all"], text, "layers to quantize (attn = attention projections)", KINDS),
         # default for static-w8a8 when not given: minmax and percentile
         Axis("observer", ["minmax"], text, "activation range observer (static modes)", OBSERVERS),
         Axis("calib_prompts", [4], positive_int, "calibration prompts (static modes)"),
@@ -260,15 +261,7 @@ class Quantization(Technique):
 
 def select_layers(unet: nn.Module, layers: str) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs to quantize: Linear, Conv2d, both, or the attention projections only."""
-    out = []
-    for name, mod in unet.named_modules():
-        is_linear, is_conv = isinstance(mod, nn.Linear), isinstance(mod, nn.Conv2d)
-        if layers == "attn":
-            keep = is_linear and (".attn1." in f".{name}" or ".attn2." in f".{name}")
-        else:
-            keep = {"all": is_linear or is_conv, "linear": is_linear, "conv": is_conv}[layers]
-        if keep:
-            out.append((name, mod))
+    out = select(unet, layers)
     if not out:
         raise InputError(f"no {layers} layers to quantize in this model")
     return out

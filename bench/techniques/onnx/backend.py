@@ -43,8 +43,8 @@ from torch import nn
 
 from stable_diffusion.errors import CheckpointError, InputError
 
-from .calibration import UNetCall
-from .onnx_export import Exported, export_text_encoder, export_unet, export_vae_decoder, quiet_logs
+from ...calibration import UNetCall
+from .export import Exported, export_text_encoder, export_unet, export_vae_decoder, quiet_logs
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """ONNX Runtime as a sweep backend: export the UNet (optionally pruned first), quantize it with ORT, sample.
 
-Each setting exports its copy of the FP32 UNet (`bench.onnx_export`, cached by content hash, so the
+Each setting exports its copy of the FP32 UNet (`export`, cached by content hash, so the
 settings of one sweep share one export per prune ratio), makes the `onnx_mode` version of it
-(`bench.onnx_backend.quantize`) and hands the runner an `OrtUNet`; the text encoder and VAE stay in
+(`backend.quantize`) and hands the runner an `OrtUNet`; the text encoder and VAE stay in
 PyTorch, so rows differ from the baseline by the UNet only and share its prompts, seeds and metrics.
 
 Axes: `onnx_mode` (fp32, dynamic-int8, dynamic-int8-conv, static-int8, int4), `onnx_prune` (global L1
@@ -31,9 +31,14 @@ from torch import nn
 
 from stable_diffusion.errors import InputError
 
-from .. import cost
-from ..calibration import Calibration, UNetCall
-from ..onnx_backend import (
+from ... import cost
+from ...calibration import Calibration, UNetCall
+from ...registry import TECHNIQUES, Axis, Column, positive_int, text
+from ...schema import CORE
+from ..base import Compressed, Setting, Technique
+from ..layers import linear_and_conv, zero_fraction
+from ..prune import parse_ratio, prune
+from .backend import (
     MODES,
     OrtUNet,
     cpu_has_vnni,
@@ -43,11 +48,7 @@ from ..onnx_backend import (
     quantize,
     quantized_nodes,
 )
-from ..onnx_export import cache_root, export_unet, model_size_bytes
-from ..registry import TECHNIQUES, Axis, Column, positive_int, text
-from ..schema import CORE
-from .base import Compressed, Setting, Technique
-from .prune import parse_ratio, prunable_layers, prune
+from .export import cache_root, export_unet, model_size_bytes
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,7 @@ def _prune(unet: nn.Module, ratio: float) -> float:
     """Global L1 pruning of every Linear/Conv2d weight (the prune technique's defaults), in place; returns
     the measured fraction of zeros among those weights."""
     prune(unet, ratio, method="l1", scope="global", target="all")
-    weights = [m.weight for _, m in prunable_layers(unet)]
-    return sum(w.numel() - int(torch.count_nonzero(w)) for w in weights) / sum(w.numel() for w in weights)
+    return zero_fraction([m.weight for _, m in linear_and_conv(unet)])
 
 
 def _gflops(unet: nn.Module, calls: list[UNetCall]) -> float | None:
