@@ -58,6 +58,18 @@ def technique_axes() -> dict[str, tuple[list[Any], Any]]:
     return axes
 
 
+def axis_flags() -> dict[str, str]:
+    """axis -> CLI flag: `--<axis>`, or `--<technique>-<axis>` where that would shadow a run flag (distilled's
+    `steps` axis is `--distilled-steps`, since `--steps` is the reference step count)."""
+    taken = {flag for flag, _, _ in RUN_FLAGS}
+    flags: dict[str, str] = {}
+    for name in ALL_TECHNIQUES:
+        for axis in technique_class(name).axes:
+            flag = f"--{axis.replace('_', '-')}"
+            flags[axis] = flag if flag not in taken else f"--{name}-{axis.replace('_', '-')}"
+    return flags
+
+
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sweep")
     g.add_argument("--sweep", help=f"technique(s) to sweep: {', '.join(ALL_TECHNIQUES)}, all, or a comma list")
@@ -68,8 +80,9 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     for flag, typ, help_text in RUN_FLAGS:
         g.add_argument(flag, type=typ, help=help_text)
     a = parser.add_argument_group("sweep axes (one value or a comma list)")
+    names = axis_flags()
     for axis, (defaults, _) in technique_axes().items():
-        flags = [f"--{axis.replace('_', '-')}"] + (["--ratios"] if axis == "ratio" else [])
+        flags = [names[axis]] + (["--ratios"] if axis == "ratio" else [])
         a.add_argument(*flags, dest=f"axis_{axis}", help=f"default: {','.join(map(str, defaults))}")
 
 

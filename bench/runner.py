@@ -69,18 +69,22 @@ class Runner:
         self.baseline: list[np.ndarray] | None = None
 
     # -- sampling ---------------------------------------------------------------------------------
-    def sample(self, prompts: list[str], seeds: list[int], desc: str) -> Sampled:
-        """Sample this process's shard of the prompts (one image per prompt, its own seed); gather all."""
+    def sample(self, prompts: list[str], seeds: list[int], desc: str, sampling: dict | None = None) -> Sampled:
+        """Sample this process's shard of the prompts (one image per prompt, its own seed); gather all.
+
+        `sampling` overrides steps / sampler / guidance (a technique's `Compressed.sampling`). A stateful UNet
+        (feature caching) has `reset_sampling_state()`, called before every image.
+        """
         p = self.plan.options
+        opts = {"steps": p.steps, "sampler": p.sampler, "guidance": p.guidance, **(sampling or {})}
+        reset = getattr(self.sd.model.unet, "reset_sampling_state", lambda: None)
         indices = list(range(len(prompts)))
         local: list[tuple[int, np.ndarray, float, bool]] = []
         with self.state.split_between_processes(indices) as shard:
             for i in tqdm(shard, desc=desc, leave=False, disable=not self.main):
                 t0 = time.perf_counter()
-                out = self.sd(
-                    prompts[i], steps=p.steps, sampler=p.sampler, guidance=p.guidance, seed=seeds[i],
-                    height=p.height, width=p.width, progress=False,
-                )  # fmt: skip
+                reset()
+                out = self.sd(prompts[i], **opts, seed=seeds[i], height=p.height, width=p.width, progress=False)
                 finite = bool(torch.isfinite(out.latents).all() and torch.isfinite(out.pixels).all())
                 pixels = torch.nan_to_num(out.pixels, nan=0.0)
                 arr = (pixels[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
@@ -127,6 +131,8 @@ class Runner:
             with torch.no_grad():
                 return module(x, t, ctx)
 
+        getattr(module, "reset_sampling_state", lambda: None)()  # a cache then times its real full/shallow cycle
+
         step = cost.time_calls(call, warmup=1, repeats=p.latency_repeats)
         p50, p90 = cost.percentiles(step)
         params, nonzeros = cost.count_params(module)
@@ -161,7 +167,7 @@ class Runner:
         self.sd.model.swap_unet(compressed.module)
         try:
             with cost.PeakRSS() as mem:
-                sampled = self.sample(self.plan.prompts, self.plan.seeds, desc=setting.id)
+                sampled = self.sample(self.plan.prompts, self.plan.seeds, setting.id, compressed.sampling)
             if setting.technique == "baseline":
                 self.baseline = sampled.images
             if not self.main:
@@ -170,6 +176,8 @@ class Runner:
             p50, p90 = cost.percentiles(sampled.seconds)
             fields = {
                 **self.plan.row_protocol(),
+                **compressed.sampling,  # the steps / sampler / guidance really used
+                **({"reference_steps": self.plan.options.steps} if compressed.sampling else {}),
                 "setting_id": setting.id,
                 "technique": setting.technique,
                 "params": dict(setting.params),

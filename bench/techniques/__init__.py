@@ -13,6 +13,9 @@ REGISTRY = {
     "prune": "bench.techniques.prune:Pruning",
     "quant": "bench.techniques.quant:Quantization",
     "onnx": "bench.techniques.onnx:OnnxRuntime",
+    "steps": "bench.techniques.steps:Steps",
+    "cache": "bench.techniques.cache:FeatureCache",
+    "distilled": "bench.techniques.distilled:Distilled",
 }
 
 
