@@ -17,7 +17,7 @@ from typing import Any
 COLUMNS: list[tuple[str, str]] = [
     ("run_id", "results/<run_id>/ this row belongs to"),
     ("setting_id", "unique id of the setting, e.g. prune[method=l1,ratio=0.3,scope=global,target=all]"),
-    ("technique", "baseline, prune, quant, onnx"),
+    ("technique", "baseline, prune, quant, onnx, steps, cache, distilled"),
     ("params", "the setting's parameters (JSON)"),
     ("backend", "pytorch or onnxruntime"),
     ("kernels", "what really ran: dense fp32, int8, int8-weight-only, int4..., or simulated (fake quant)"),
