@@ -27,8 +27,8 @@ COLUMNS: list[tuple[str, str]] = [
     ("n_images", "images generated for this setting (same prompts and seeds in every row)"),
     ("resolution", "WxH pixels"),
     ("sampler", "sampler name"),
-    ("steps", "sampling steps"),
-    ("guidance", "classifier-free guidance scale"),
+    ("steps", "sampling steps this row took (steps/distilled rows: their own; the reference's in extra)"),
+    ("guidance", "classifier-free guidance scale this row sampled with (distilled: 1, guidance baked in)"),
     ("seed", "seed of image 0; image i uses seed + i"),
     ("prompts", "prompt set and its sha256 prefix"),
     # technique fields
