@@ -3,7 +3,7 @@
 Each round trains a student that takes ONE DDIM step where its teacher takes TWO: by default 8 -> 4 -> 2, and
 `--start-steps 32` runs the whole 32 -> 16 -> 8 -> 4 -> 2 chain. The default is what fitted the CPU this was
 made on (2 cores shared by a dozen jobs, this one at nice 10 getting 7-20 % of one core): the guided 8-step
-DDIM teacher, 150 optimizer steps of batch 4 per round -- a small fraction of what the paper spends. The
+DDIM teacher, 450 optimizer steps of batch 4 per round -- a small fraction of what the paper spends. The
 student of a round is the teacher of the next, initialised from its weights.
 
 Choices (see README "Fewer steps"):
@@ -66,7 +66,7 @@ class DistillConfig:
     pool: int = 512
     batch: int = 4
     lr: float = 5e-4  # the tiny model trained at 1e-3; few steps per round need a brisk rate
-    round_steps: int = 150  # optimizer steps per round (or round_minutes, whichever first)
+    round_steps: int = 450  # optimizer steps per round (or round_minutes, whichever first)
     round_minutes: float = 6.0  # CPU minutes of this process
     save_every: int = 25
     seed: int = 0

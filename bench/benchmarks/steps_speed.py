@@ -1,7 +1,7 @@
 """Benchmark: fewer UNet calls -- feature caching speed, and the distilled student's quality (issue 15).
 
     python -m bench.benchmarks.steps_speed                 # both parts
-    python -m bench.benchmarks.steps_speed --skip-v15      # embedded model only
+    python -m bench.benchmarks.steps_speed --skip-v15      # embedded model only (--skip-embedded: v1-5 only)
 
 1. Feature caching (`cache`, interval 3, depth 1) vs the plain sampler, image latency:
    - v1-5 architecture, random (default-init) weights, 32x32 latents, batch 2 (guidance), `--v15-steps` DDIM
@@ -176,11 +176,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     p.add_argument("--skip-v15", action="store_true")
+    p.add_argument("--skip-embedded", action="store_true")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU")
-    embedded(a.num_images, a.ref_steps, a.repeats)
+    if not a.skip_embedded:
+        embedded(a.num_images, a.ref_steps, a.repeats)
     if not a.skip_v15:
         v15_cache_speed(a.v15_steps, a.repeats)
 
