@@ -61,18 +61,22 @@ def test_distilled_loads_the_student_and_samples_unguided(tiny_model, tmp_path):
 @pytest.fixture(scope="module")
 def steps_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("steps")
-    proc = run_main("--sweep", "steps,cache", "--sample-steps", "4,1", "--interval", "1,3", "--out", str(out), *FAST)
+    proc = run_main("--sweep", "steps,cache,distilled", "--sample-steps", "4,1", "--interval", "1,3",
+                    "--distilled-steps", "4", "--out", str(out), *FAST)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
-def test_steps_and_cache_rows(steps_run):
+def test_fewer_steps_rows(steps_run):
     rows = {r["setting_id"]: r for r in rows_of(steps_run)}
     assert list(rows) == [
         "baseline", "steps[sample_steps=4]", "steps[sample_steps=1]", "cache[depth=1,interval=1]",
-        "cache[depth=1,interval=3]",
+        "cache[depth=1,interval=3]", "distilled[steps=4]",
     ]  # fmt: skip
-    assert [rows[k]["steps"] for k in rows] == ["4", "4", "1", "4", "4"]
+    assert [rows[k]["steps"] for k in rows] == ["4", "4", "1", "4", "4", "4"]
+    student = rows["distilled[steps=4]"]  # the shipped student: guidance baked in, so sampled at guidance 1
+    assert (student["guidance"], student["sampler"]) == ("1.0", "ddim") and float(student["psnr"]) < 60
+    assert json.loads(student["extra"])["distill_guidance"] == 7.5
     assert rows["steps[sample_steps=4]"]["psnr"] == "inf"  # same steps as the reference: the same images
     assert rows["cache[depth=1,interval=1]"]["psnr"] == "inf"  # caching every call is the plain sampler
     one = rows["steps[sample_steps=1]"]
