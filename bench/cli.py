@@ -64,6 +64,15 @@ def technique_axes() -> dict[str, Axis]:
     return {**axes, **modifier_axes()}
 
 
+def axis_flag(name: str, axis: Axis, taken: set[str]) -> str:
+    """`--<axis>`, or `--<technique>-<axis>` where that would shadow a run flag (distilled's `steps` axis is
+    `--distilled-steps`, since `--steps` is the reference step count)."""
+    if axis.flag not in taken:
+        return axis.flag
+    owner = next(t.name for t in TECHNIQUES.classes() if axis in t.axes)
+    return f"--{owner}-{name.replace('_', '-')}"
+
+
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sweep")
     names = ", ".join(TECHNIQUES.names())
@@ -75,8 +84,9 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     for flag, typ, help_text in RUN_FLAGS:
         g.add_argument(flag, type=typ, help=help_text)
     a = parser.add_argument_group("sweep axes (one value or a comma list)")
+    taken = {flag for flag, _, _ in RUN_FLAGS}
     for name, axis in technique_axes().items():
-        flags = [axis.flag] + (["--ratios"] if name == "ratio" else [])
+        flags = [axis_flag(name, axis, taken)] + (["--ratios"] if name == "ratio" else [])
         choices = f"; one of {'|'.join(map(str, axis.choices))}" if axis.choices else ""
         default = ",".join(map(str, axis.default))
         a.add_argument(*flags, dest=f"axis_{name}", metavar="V", help=f"{axis.help}{choices} (default: {default})")

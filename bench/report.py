@@ -343,8 +343,10 @@ def make_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
 
 
 def write_report(run_dir: Path | str, rows: Sequence[Row]) -> list[Path]:
-    """All plots of a run into `run_dir/plots/`: per-technique metric plots, then the Pareto plot."""
+    """All plots of a run into `run_dir/plots/`: per-technique metric plots, then the Pareto plots (quality vs
+    UNet-step latency, and vs image latency: the one where fewer steps and cheaper steps meet)."""
     if not rows:
         return []
     plots_dir = Path(run_dir) / "plots"
-    return [*plot_metrics(rows, plots_dir), plot_pareto(rows, plots_dir)]
+    by_image = plot_pareto(rows, plots_dir, cost="latency_image_p50_s")  # fewer steps show only per image
+    return [*plot_metrics(rows, plots_dir), plot_pareto(rows, plots_dir), by_image]

@@ -125,6 +125,8 @@ class Runner:
             with torch.no_grad():
                 return module(x, t, ctx)
 
+        getattr(module, "reset_sampling_state", lambda: None)()  # a cache then times its real full/shallow cycle
+
         step = cost.time_calls(call, warmup=1, repeats=p.latency_repeats)
         p50, p90 = cost.percentiles(step)
         params, nonzeros = cost.count_params(module)
@@ -168,6 +170,7 @@ class Runner:
             p50, p90 = cost.percentiles(sampled.seconds)
             protocol = {
                 **self.plan.row_protocol(compressed.sampling),
+                **({"reference_steps": self.plan.options.steps} if compressed.sampling else {}),
                 "setting_id": setting.id,
                 "technique": setting.technique,
                 "params": dict(setting.params),

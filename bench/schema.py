@@ -36,8 +36,10 @@ HEAD: tuple[Column, ...] = (
     Column("n_images", "images generated for this setting (same prompts and seeds in every row)", plot=False),
     Column("resolution", "WxH pixels", plot=False),
     Column("sampler", "sampler name", plot=False),
-    Column("steps", "sampling steps", plot=False),
-    Column("guidance", "classifier-free guidance scale", plot=False),
+    Column("steps", "sampling steps this row took (steps/distilled rows: their own; the reference's in extra)",
+           plot=False),
+    Column("guidance", "classifier-free guidance scale this row sampled with (distilled: 1, guidance baked in)",
+           plot=False),
     Column("seed", "seed of image 0; image i uses seed + i", plot=False),
     Column("prompts", "prompt set and its sha256 prefix", plot=False),
 )  # fmt: skip

@@ -344,8 +344,15 @@ def _sort_safetensors_metadata(path: Path) -> None:
             f.write(text.ljust(n))
 
 
-def save_checkpoint(module: nn.Module, path: str | Path, cfg: SDConfig, component: str | None = None) -> Path:
-    """Save in the CompVis layout as safetensors. `component` names the prefix when saving one sub-module."""
+def save_checkpoint(
+    module: nn.Module,
+    path: str | Path,
+    cfg: SDConfig,
+    component: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Save in the CompVis layout as safetensors. `component` names the prefix when saving one sub-module;
+    `metadata` adds string entries to the file header (e.g. how a distilled student was made)."""
     from safetensors.torch import save_file
 
     prefix = COMPONENT_PREFIXES[component] if component else ""
@@ -353,7 +360,7 @@ def save_checkpoint(module: nn.Module, path: str | Path, cfg: SDConfig, componen
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "sdbench_config": cfg.name})
+    save_file(sd, str(tmp), metadata={**(metadata or {}), "format": "pt", "sdbench_config": cfg.name})
     _sort_safetensors_metadata(tmp)
     tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint behind
     return path

@@ -112,7 +112,7 @@ def test_write_report_plots_measured_metrics_only(csv_path: Path, tmp_path: Path
             assert f"{technique}_{metric}.png" not in names
     assert "prune_sparsity.png" in names and "quant_sparsity.png" not in names
     assert not any(n.startswith("baseline_") for n in names)
-    assert "pareto_psnr_latency_step_p50_ms.png" in names
+    assert {"pareto_psnr_latency_step_p50_ms.png", "pareto_psnr_latency_image_p50_s.png"} <= names
     for path in paths:
         assert path.parent == tmp_path / "plots" and path.stat().st_size > 5000
         with Image.open(path) as im:
@@ -122,10 +122,12 @@ def test_write_report_plots_measured_metrics_only(csv_path: Path, tmp_path: Path
 def test_write_report_tolerates_single_and_empty_rows(tmp_path: Path) -> None:
     baseline = fake_rows()[:1]
     paths = report.write_report(tmp_path / "one", baseline)
-    assert [p.name for p in paths] == ["pareto_fid_latency_step_p50_ms.png"]  # psnr is only inf: falls back
+    # psnr is only inf: falls back
+    assert [p.name for p in paths] == ["pareto_fid_latency_step_p50_ms.png", "pareto_fid_latency_image_p50_s.png"]
     bare = [_row(Setting("baseline")), _row(Setting("prune", {"ratio": 0.5}), ratio=0.5)]
     paths = report.write_report(tmp_path / "bare", bare)
-    assert [p.name for p in paths] == ["pareto_psnr_latency_step_p50_ms.png"]  # placeholder, says no data
+    # placeholders, saying there is no data
+    assert [p.name for p in paths] == ["pareto_psnr_latency_step_p50_ms.png", "pareto_psnr_latency_image_p50_s.png"]
     assert paths[0].stat().st_size > 0
     assert report.write_report(tmp_path / "none", []) == []
 

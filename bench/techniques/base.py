@@ -58,6 +58,7 @@ class Compressed:
 
     module: nn.Module
     fields: dict[str, Any]  # e.g. sparsity, bits, kernels ("int8"/"fp32"/"simulated"), size_bytes
+    # sampling options this row overrides (steps, sampler, guidance); the row's protocol columns show them
     sampling: dict[str, Any] = field(default_factory=dict)
 
 
