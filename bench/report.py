@@ -292,8 +292,8 @@ def plot_pareto(
         _savefig(fig, path)
         return path
     qs = [(_value(r, quality) or 0.0) * qscale for r in rows]
-    finite = [q for q in qs if math.isfinite(q)] or [0.0]
-    lo, hi = min(finite), max(finite)
+    finite_qs = [q for q in qs if math.isfinite(q)] or [0.0]
+    lo, hi = min(finite_qs), max(finite_qs)
     pad = 0.08 * (hi - lo) if hi > lo else 1.0
     ys = [q if math.isfinite(q) else (hi + pad if q > 0 else lo - pad) for q in qs]
     xs = [(finite(r, cost) or 0.0) * cscale for r in rows]
