@@ -113,15 +113,18 @@ class ResultsFile:
             write_atomic(self.path, b"".join(kept))
 
     def _upgrade(self, lines: list[bytes]) -> list[bytes]:
-        """Rows written under an older header, rewritten under today's (cell for cell; new columns empty,
-        columns that no longer exist kept in `extra`), so an old run folder resumes. Lines that do not
+        """Rows written under an older header (a subset of today's columns), rewritten under today's (cell for
+        cell, new columns empty), so an old run folder resumes; any other header is refused. Lines that do not
         parse under the old header are passed through unchanged, to be quarantined by the caller."""
         try:
             old = next(csv.reader([lines[0].decode("utf-8").rstrip("\r\n")], strict=True))
         except (UnicodeDecodeError, csv.Error, StopIteration):
             old = []
-        if "setting_id" not in old or "technique" not in old:
-            raise InputError(f"{self.path} is not an sdbench results file (no setting_id/technique header)")
+        if not old or not set(old) <= set(schema.column_names()) or len(set(old)) != len(old):
+            raise InputError(
+                f"{self.path} has another column layout (written by another sdbench version?); "
+                "use a new --run-id or --out"
+            )
         out = [schema.header_line().encode()]
         for line in lines[1:]:
             try:

@@ -60,7 +60,8 @@ def runner(tmp_path_factory) -> _Capture:
 def test_registered_technique_honours_its_declarations(runner, name, tmp_path):
     cls = TECHNIQUES.get(name)
     technique = runner.plan.techniques[name]
-    assert cls.summary and cls.axes and cls.columns and set(cls.devices) <= {"cpu", "cuda"}
+    # a technique may report only through core columns (steps, cache): its own columns are optional
+    assert cls.summary and cls.axes and set(cls.devices) <= {"cpu", "cuda"}
     assert cls.plot_x is None or cls.plot_x in {a.name for a in cls.axes}
     setting = _setting(technique)
     runner.run_setting(setting, runner.results)
@@ -176,7 +177,7 @@ def test_toys_get_flags_columns_readme_rows_and_plots(toys, tmp_path):
     rows = report.read_rows(run_dir / "results.csv")
     assert [r["steps"] for r in rows] == ["2", "2", "1"]
     assert float(rows[1]["toy_rel_change"]) == pytest.approx(0.1, rel=0.05)
-    assert [m.resets for m in ToySteps.wrapped] == [2]  # reset before each of the 2 images
+    assert [m.resets for m in ToySteps.wrapped] == [3]  # reset before each of the 2 images and the cost timing
     for row in rows:  # the metric against an outside computation: the saved PNGs
         folder = run_dir / "images" / next(s.slug for s in plan.settings if s.id == row["setting_id"])
         pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
