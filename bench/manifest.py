@@ -1,8 +1,7 @@
-"""`manifest.json`: how a run was made (git sha, versions, model hash, protocol, settings), written atomically.
+"""What `manifest.json` records about the software: git sha and package versions.
 
-A resumed run keeps its first `started` time and appends to `resumed`; a run folder made with another
-protocol (model, prompts, sampler, steps, seed, metrics...) is refused, so rows of different protocols
-can never share one results.csv.
+The manifest itself is built by `SweepPlan.manifest` and written by `results.update_manifest` (under the
+run lock, atomically; a folder of another protocol is refused there).
 """
 
 from __future__ import annotations

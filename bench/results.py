@@ -28,6 +28,7 @@ from filelock import FileLock
 from stable_diffusion.errors import InputError
 
 from . import schema
+from .techniques.base import Setting
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,12 @@ def parse_line(line: bytes) -> dict[str, str] | None:
     row = dict(zip(schema.COLUMN_NAMES, cells, strict=True))
     if not row["setting_id"] or not row["technique"] or schema.row_line(row) != text:
         return None  # not what our writer makes of these cells: damaged in a way csv let through
+    try:
+        params = json.loads(row["params"] or "{}")
+    except ValueError:
+        return None
+    if not isinstance(params, dict) or Setting(row["technique"], params).id != row["setting_id"]:
+        return None  # the id is derived from technique + params: a damaged id (or params) would be a new setting
     return row
 
 
@@ -134,16 +141,13 @@ class ResultsFile:
             if cells is None or len(cells) != len(old) or not line.endswith(b"\n"):
                 out.append(line)
                 continue
-            values: dict[str, Any] = dict(zip(old, cells, strict=True))
+            values = dict(zip(old, cells, strict=True))
             try:
-                extra = json.loads(values.pop("extra", "") or "{}")
+                json.loads(values.get("extra") or "{}")
             except ValueError:
                 out.append(line)
                 continue
-            gone = {k: v for k, v in values.items() if k not in schema.column_names() and v != ""}
-            row = {k: v for k, v in values.items() if k in schema.column_names()}
-            row["extra"] = json.dumps({**extra, **gone}, sort_keys=True) if extra or gone else ""
-            out.append(schema.row_line({**{c: "" for c in schema.column_names()}, **row}).encode())
+            out.append(schema.row_line({**dict.fromkeys(schema.column_names(), ""), **values}).encode())
         log.warning("%s: written by an older sdbench (other columns); rewritten under today's header", self.path)
         return out
 
@@ -182,6 +186,8 @@ class ResultsFile:
     def append(self, values: Mapping[str, Any]) -> bool:
         """Append the row unless another process wrote that setting first (then keep theirs: False)."""
         row = schema.make_row({"run_id": self.run_id, **values})
+        if parse_line(schema.row_line(row).encode()) is None:
+            raise RuntimeError(f"row {row['setting_id']} would not read back")  # a bug, not a user error
         with self.lock:
             if row["setting_id"] in self.finished():
                 log.info("row %s was written meanwhile by another process; keeping that one", row["setting_id"])

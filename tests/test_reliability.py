@@ -211,7 +211,7 @@ def test_a_full_disk_mid_append_leaves_no_half_row(tmp_path: Path, monkeypatch) 
 
     monkeypatch.setattr(Path, "open", opener)
     with pytest.raises(OSError):
-        results.append({"setting_id": "prune[x]", "technique": "prune"})
+        results.append({"setting_id": "prune[x=1]", "technique": "prune", "params": {"x": 1}})
     monkeypatch.undo()
     assert results.path.read_bytes() == before
 

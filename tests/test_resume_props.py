@@ -16,13 +16,15 @@ from hypothesis import strategies as st
 
 from bench import schema
 from bench.results import ResultsFile, parse_line, update_manifest
+from bench.techniques.base import parse_setting_id
 from stable_diffusion.errors import InputError
 
 IDS = ["baseline", *[f"prune[method=l1,ratio=0.{i},scope=global,target=all]" for i in range(1, 7)]]
 
 
 def _row(setting_id: str) -> dict[str, object]:
-    return {"setting_id": setting_id, "technique": setting_id.split("[")[0], "params": {"r": setting_id},
+    technique, params = parse_setting_id(setting_id)  # params consistent with the id, as the runner writes them
+    return {"setting_id": setting_id, "technique": technique, "params": params,
             "psnr": 31.25, "status": "ok", "model": 'tiny:"quoted", name', "fid_bootstrap_bias": 0.5}  # fmt: skip
 
 

@@ -25,6 +25,7 @@ UNet (> 2 GB) takes the same path as the tiny one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import tempfile
@@ -165,6 +166,7 @@ def run_all_in_ort(model: nn.Module, provider: str = "cpu", **export_kwargs: Any
 # ------------------------------------------------------------------------------------------ quantization
 
 
+@functools.cache
 def cpu_has_vnni() -> bool:
     """Whether this x86 CPU has VNNI int8 dot products (AVX512-VNNI or AVX-VNNI; Linux flags).
 
