@@ -81,6 +81,16 @@ class Technique:
     # sweep axis -> (default values, parser for one CLI value)
     axes: ClassVar[dict[str, tuple[list[Any], Callable[[str], Any]]]] = {}
     needs_calibration: ClassVar[bool] = False
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")  # device types its settings can run on
+    dtypes: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")  # pipeline --dtype values it accepts
+
+    def unsupported(self, setting: Setting, device: torch.device | str) -> str | None:
+        """Why `setting` cannot run on `device` (checked when the sweep is planned, so a sweep never dies on
+        a device mismatch mid-way), or None. Subclasses refine this per mode."""
+        kind = torch.device(device).type
+        if kind not in self.devices:
+            return f"{self.name} runs on {' or '.join(self.devices)} only, not {kind}"
+        return None
 
     def settings(self, axes: Mapping[str, list[Any]]) -> list[Setting]:
         """The sweep points for these axis values (defaults for axes not given)."""

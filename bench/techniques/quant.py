@@ -155,12 +155,20 @@ class Quantization(Technique):
             raise InputError("no quant setting matches these axis values (e.g. layers=conv needs a static mode)")
         return unique
 
+    def unsupported(self, setting: Setting, device: torch.device | str) -> str | None:
+        """The real-kernel modes call PyTorch's CPU-only int8/int4 ops; the simulated static modes run anywhere."""
+        if reason := super().unsupported(setting, device):
+            return reason
+        mode = setting.params.get("mode")
+        if mode not in STATIC_MODES and torch.device(device).type != "cpu":
+            return f"quant mode {mode} runs PyTorch's CPU kernels (no CUDA kernel for it here); use --device cpu"
+        return None
+
     def apply(self, unet: nn.Module, setting: Setting, calibration: Calibration | None = None) -> Compressed:
         p = self._params(setting)
         mode = p["mode"]
-        device = next(unet.parameters()).device
-        if mode not in STATIC_MODES and device.type != "cpu":
-            raise InputError(f"quant mode {mode} runs PyTorch's CPU kernels; use --device cpu (or a static mode)")
+        if reason := self.unsupported(setting, next(unet.parameters()).device):
+            raise InputError(reason)  # the sweep plan leaves such settings out; this guards direct calls
         calls: list[UNetCall] = []
         extra: dict[str, Any] = {"skipped_layers": 0, "timestep_groups_empty": None}
         if mode == "dynamic-int8":
@@ -301,6 +309,7 @@ def calibrate(
     call_groups = [ops.timestep_group(c.t, n_groups, c.x.shape[0]) for c in calls]
     per_group = torch.bincount(torch.cat(call_groups), minlength=n_groups).tolist()
     gen = torch.Generator().manual_seed(0)
+    weight = next(unet.parameters())  # recorded calls live on the CPU in fp32: run them where the model is
 
     def make(g: int) -> ops.MinMaxObserver | ops.PercentileObserver:
         if observer == "minmax":
@@ -324,7 +333,8 @@ def calibrate(
         with torch.inference_mode():
             for call, groups in zip(calls, call_groups, strict=True):
                 current["groups"] = groups
-                unet(call.x, call.t, call.context)
+                x, context = (v.to(weight.device, weight.dtype) for v in (call.x, call.context))
+                unet(x, call.t.to(weight.device), context)
     finally:
         for h in handles:
             h.remove()
