@@ -44,6 +44,7 @@ RUN_FLAGS: list[tuple[str, type, str]] = [
     ("--clip-weights", Path, "open_clip checkpoint for the CLIP score"),
     ("--clip-model", str, "open_clip model name (default ViT-L-14)"),
     ("--lpips-weights", Path, "AlexNet backbone weights for LPIPS"),
+    ("--batch-size", int, "prompts per UNet call (default 1); images keep their seeds, so they do not change"),
     ("--latency-repeats", int, "timed UNet calls per setting (after one warmup)"),
     ("--wandb-project", str, "W&B project (default sdbench)"),
     ("--wandb-mode", str, "offline (default), online or disabled"),
@@ -65,6 +66,9 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue a run (re-running the same command does too)")
     g.add_argument("--setting", dest="only", action="append", help="run only this setting id (repeatable)")
     g.add_argument("--allow-download", action="store_true", help="let metrics download missing weights")
+    g.add_argument(
+        "--fp32-reference", action="store_true", help="PSNR/SSIM/LPIPS vs FP32 images (default: --dtype's own)"
+    )
     for flag, typ, help_text in RUN_FLAGS:
         g.add_argument(flag, type=typ, help=help_text)
     a = parser.add_argument_group("sweep axes (one value or a comma list)")

@@ -31,6 +31,10 @@ COLUMNS: list[tuple[str, str]] = [
     ("guidance", "classifier-free guidance scale"),
     ("seed", "seed of image 0; image i uses seed + i"),
     ("prompts", "prompt set and its sha256 prefix"),
+    ("device", "device type the pipeline sampled on (cpu, cuda)"),
+    ("dtype", "UNet dtype (fp32, bf16, fp16): the sweep's --dtype (whole pipeline), or a precision rung's"),
+    ("reference_dtype", "dtype of the images psnr/ssim/lpips compare against (--dtype's, or fp32 if asked)"),
+    ("batch_size", "prompts per UNet call while sampling (--batch-size); images do not depend on it"),
     # technique fields
     ("ratio", "pruning ratio asked for"),
     ("sparsity", "measured fraction of zeros among the targeted weights"),
@@ -41,9 +45,9 @@ COLUMNS: list[tuple[str, str]] = [
     ("calib_prompts", "calibration prompts used"),
     ("weight_error_max_rel", "max over layers of max|w - deq(q(w))| / max|w|"),
     # fidelity to the uncompressed model (same prompts and seeds): the primary quality signal
-    ("psnr", "dB vs the FP32 baseline images (mean over images)"),
-    ("ssim", "SSIM vs the FP32 baseline images"),
-    ("lpips", "LPIPS vs the FP32 baseline images (empty without backbone weights)"),
+    ("psnr", "dB vs the baseline images of reference_dtype (mean over images)"),
+    ("ssim", "SSIM vs the same reference images"),
+    ("lpips", "LPIPS vs the same reference images (empty without backbone weights)"),
     ("mse", "pixel MSE vs baseline, [0,1] range"),
     # distribution / text alignment
     ("fid", "FID vs the reference set (empty without Inception weights); small N is biased and noisy"),
@@ -71,7 +75,9 @@ COLUMNS: list[tuple[str, str]] = [
     ("latency_step_p90_ms", "90th percentile of the same"),
     ("latency_image_p50_s", "one whole image (text encoder, all steps, VAE decode), median"),
     ("latency_image_p90_s", "90th percentile of the same"),
+    ("images_per_s", "images sampled per second over the whole setting (all processes, batching included)"),
     ("peak_rss_mb", "peak resident memory of the process while sampling this setting"),
+    ("peak_mem_mb", "peak memory of the sampling device: CUDA allocator peak on cuda, process RSS on cpu"),
     ("unet_params", "UNet parameters"),
     ("nonzeros", "non-zero UNet parameters"),
     ("size_bytes", "UNet size on disk in this setting's storage format"),

@@ -45,6 +45,7 @@ PACKAGES = [
     "wandb",
 ]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NEW_DEFAULTS = {"batch_size": 1, "fp32_reference": False}
 
 
 @dataclass
@@ -57,6 +58,8 @@ class SweepOptions:
     unsafe_load: bool = False
     dtype: str = "fp32"
     device: str | None = None
+    batch_size: int = 1  # prompts per pipeline call (images do not depend on it: one seed per image)
+    fp32_reference: bool = False  # fidelity vs FP32 images even when --dtype is fp16/bf16
     prompts: str = "shapes"
     num_images: int = 16
     steps: int = 20
@@ -82,6 +85,8 @@ class SweepOptions:
     def __post_init__(self) -> None:
         if self.num_images < 1:
             raise InputError(f"--num-images must be >= 1, got {self.num_images}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.latency_repeats < 1:
             raise InputError(f"--latency-repeats must be >= 1, got {self.latency_repeats}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
@@ -97,6 +102,9 @@ class SweepOptions:
         if not with_settings:
             skip |= {"techniques", "axes"}
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
+        for key, default in NEW_DEFAULTS.items():  # options added later leave old run ids unchanged at default
+            if keep.get(key) == default:
+                del keep[key]
         keep["model"] = model_id
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -146,6 +154,7 @@ class SweepPlan:
 
     def __init__(self, options: SweepOptions, device: torch.device | str | None = None, is_main: bool = True) -> None:
         o = self.options = options
+        self.device = torch.device(device or o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.techniques: dict[str, Technique] = {name: technique_class(name)() for name in o.techniques}
         self.settings = [Setting("baseline")]
         if o.only:
@@ -153,9 +162,10 @@ class SweepPlan:
         for technique in self.techniques.values() if not o.only else []:
             given = {k: v for k, v in o.axes.items() if k in technique.axes}
             self.settings += [s for s in technique.settings(given) if s.id not in {x.id for x in self.settings}]
+        self.skipped = self._refuse_unsupported(is_main)
 
         self.checkpoint = o.checkpoint or embedded_checkpoint()
-        self.pipeline = self._load_model(device or o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.pipeline = self.load_pipeline(o.dtype)
         cfg = self.pipeline.cfg
         o.height, o.width = o.resolution or (cfg.resolution, cfg.resolution)
 
@@ -195,15 +205,34 @@ class SweepPlan:
             raise InputError(f"--setting {text!r} is not a valid {name} setting")
         return match[0]
 
-    def _load_model(self, device: torch.device | str) -> StableDiffusion:
+    def _refuse_unsupported(self, log_them: bool) -> dict[str, str]:
+        """Leave out the settings that cannot run on this device or dtype; list them once, with the reason."""
+        skipped: dict[str, str] = {}
+        for s in self.settings[1:]:
+            technique = self.techniques[s.technique]
+            reason = technique.unsupported(s, self.device)
+            if reason is None and self.options.dtype not in technique.dtypes:
+                reason = f"{technique.name} runs with --dtype {' or '.join(technique.dtypes)} only"
+            if reason:
+                skipped[s.id] = reason
+        self.settings = [s for s in self.settings if s.id not in skipped]
+        if log_them and skipped:
+            log.warning(
+                "planned %d setting(s) on %s (%s); skipped %d:\n%s", len(self.settings), self.device.type,
+                self.options.dtype, len(skipped), "\n".join(f"  skipped: {k} — {v}" for k, v in skipped.items()),
+            )  # fmt: skip
+        return skipped
+
+    def load_pipeline(self, dtype: str) -> StableDiffusion:
+        """The model of this sweep (checkpoint, preset, --unet) on its device, in `dtype`."""
         o = self.options
         from stable_diffusion.config import get_config
 
-        if o.dtype not in DTYPES:
-            raise InputError(f"unknown dtype {o.dtype!r}; choose from {', '.join(DTYPES)}")
+        if dtype not in DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
         cfg = get_config(o.config) if o.config else None
         sd = StableDiffusion.from_checkpoint(
-            self.checkpoint, cfg, dtype=DTYPES[o.dtype], device=device, unsafe=o.unsafe_load
+            self.checkpoint, cfg, dtype=DTYPES[dtype], device=self.device, unsafe=o.unsafe_load
         )
         if o.unet:
             load_unet_into(sd.model, o.unet, unsafe=o.unsafe_load)
@@ -220,7 +249,16 @@ class SweepPlan:
             "guidance": o.guidance,
             "seed": o.seed,
             "prompts": self.prompt_set.describe(),
+            "device": self.device.type,
+            "dtype": o.dtype,
+            "reference_dtype": self.reference_dtype,
+            "batch_size": o.batch_size,
         }
+
+    @property
+    def reference_dtype(self) -> str:
+        """Dtype of the images PSNR/SSIM/LPIPS compare against: the sweep's own, or fp32 if asked."""
+        return "fp32" if self.options.fp32_reference else self.options.dtype
 
     def manifest(self) -> dict[str, Any]:
         o = self.options
@@ -239,6 +277,7 @@ class SweepPlan:
             "metrics": {m.name: {"protocol": m.protocol(), "unavailable": m.unavailable()} for m in self.metrics},
             "options": json.loads(json.dumps(asdict(o), default=str)),
             "settings": [s.id for s in self.settings],
+            "skipped": self.skipped,
         }
 
     def _write_manifest(self) -> None:
@@ -280,6 +319,7 @@ class SweepPlan:
         args = ["--num-images", str(o.num_images), "--steps", str(o.steps), "--sampler", o.sampler]
         args += ["--guidance", str(o.guidance), "--seed", str(o.seed), "--prompts", o.prompts]
         args += ["--resolution", f"{o.width}x{o.height}", "--run-id", self.run_id]
+        args += ["--dtype", o.dtype, "--batch-size", str(o.batch_size)] + (["--fp32-reference"] * o.fp32_reference)
         if o.checkpoint:
             args += ["--checkpoint", str(o.checkpoint)]
         return args
