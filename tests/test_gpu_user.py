@@ -19,7 +19,7 @@ from stable_diffusion.pipeline import StableDiffusion
 
 from .test_sweep import FAST, REPO, rows_of, run_main
 
-ONNX_CUDA = "onnx[onnx_mode=fp32,onnx_prune=0.0,onnx_provider=cuda]"
+ONNX_CUDA = "onnx[onnx_mode=fp32,onnx_provider=cuda,onnx_prune=0.0]"
 
 
 def images_of(out: Path, slug: str) -> list[np.ndarray]:
