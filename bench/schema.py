@@ -73,7 +73,7 @@ COLUMNS: list[tuple[str, str]] = [
     # cost
     ("latency_step_p50_ms", "one UNet call (batch 2 = one image with guidance), median after warmup"),
     ("latency_step_p90_ms", "90th percentile of the same"),
-    ("latency_image_p50_s", "one whole image (text encoder, all steps, VAE decode), median"),
+    ("latency_image_p50_s", "one whole image (text encoder, all steps, VAE decode), median; batched: call / N"),
     ("latency_image_p90_s", "90th percentile of the same"),
     ("images_per_s", "images sampled per second over the whole setting (all processes, batching included)"),
     ("peak_rss_mb", "peak resident memory of the process while sampling this setting"),
