@@ -33,7 +33,7 @@ _NOT_METRICS = {
     "resolution", "sampler", "steps", "guidance", "seed", "prompts", "ratio", "mode", "bits_weights",
     "bits_activations", "calib_prompts", "fid_ci_low", "fid_ci_high", "fid_n", "fid_features",
     "clip_score_std", "clip_model", "extra", "unet_params", "size_dense_bytes", "prompt_acc_n", "shapes_fid_ci_low",
-    "shapes_fid_ci_high", "shapes_fid_n", "shapes_fid_features",
+    "shapes_fid_ci_high", "shapes_fid_n", "shapes_fid_features", "device", "dtype", "reference_dtype", "batch_size",
 }  # fmt: skip
 # metric -> (axis label with unit, scale applied to the value before plotting)
 _LABELS: dict[str, tuple[str, float]] = {
