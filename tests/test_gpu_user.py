@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.onnx_backend import provider_unavailable
+from bench.techniques.onnx.backend import provider_unavailable
 from bench.techniques.quant import Quantization
 from stable_diffusion.pipeline import StableDiffusion
 

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from bench import cost
-from bench.techniques import REGISTRY, technique_class
-from bench.techniques.base import Calibration, Setting, UNetCall
+from bench.calibration import Calibration, UNetCall
+from bench.registry import TECHNIQUES
+from bench.techniques.base import Setting
 from stable_diffusion.config import get_config
 from stable_diffusion.defaults import REPO_ROOT
 from stable_diffusion.model import LatentDiffusion, init_weights
@@ -119,14 +120,14 @@ def synthetic_calibration(inputs: tuple[torch.Tensor, ...], n_prompts: int = 4) 
 def mode_settings() -> list[tuple[str, Setting | None, str | None]]:
     """(technique, setting or None, refusal or import failure) for one setting per mode of each technique."""
     out: list[tuple[str, Setting | None, str | None]] = []
-    for name in REGISTRY:
+    for name in TECHNIQUES.names():
         try:
-            technique = technique_class(name)()
+            technique = TECHNIQUES.get(name)()
         except ImportError as e:  # e.g. onnx without the onnx package: reported, not fatal
             out.append((name, None, f"not importable here: {e}"))
             continue
         seen = set()
-        cuda_axes = {k: ["cuda"] for k in technique.axes if k.endswith("provider")}  # e.g. onnx_provider
+        cuda_axes = {a.name: ["cuda"] for a in technique.axes if a.name.endswith("provider")}  # e.g. onnx_provider
         for s in technique.settings(cuda_axes):
             key = next((s.params[k] for k in MODE_KEYS if k in s.params), s.id)
             if key not in seen and s.params.get("ratio") != 0.0:  # ratio 0 is the dense model again
@@ -169,11 +170,15 @@ def modes(unet: nn.Module, inputs, budget: Budget, repeats: int) -> list[dict[st
         if refusal or budget.left() < 60:
             rows.append({"mode": label, "kernels": f"refused: {refusal}" if refusal else "not run: time budget"})
             continue
-        technique = technique_class(name)()
+        technique = TECHNIQUES.get(name)()
         try:
             compressed = technique.apply(copy.deepcopy(unet), setting, calibration)
         except Exception as e:  # a mode that fails on this GPU is a finding, reported in the table
             rows.append({"mode": label, "kernels": f"failed: {type(e).__name__}: {e}"[:200]})
+            continue
+        if compressed.sampling or hasattr(compressed.module, "reset_sampling_state"):
+            # fewer steps or a stateful cache: one UNet call says nothing of it; a sweep's image latency does
+            rows.append({"mode": label, "kernels": "not timed: it changes sampling (see a sweep's image latency)"})
             continue
         weight = next(compressed.module.parameters(), None)
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
