@@ -49,6 +49,7 @@ RUN_FLAGS: list[tuple[str, type, str]] = [
     ("--clip-weights", Path, "open_clip checkpoint for the CLIP score"),
     ("--clip-model", str, "open_clip model name (default ViT-L-14)"),
     ("--lpips-weights", Path, "AlexNet backbone weights for LPIPS"),
+    ("--batch-size", int, "prompts per UNet call (default 1); images keep their seeds, so they do not change"),
     ("--latency-repeats", int, "timed UNet calls per setting (after one warmup)"),
     ("--wandb-project", str, "W&B project (default sdbench)"),
     ("--wandb-mode", str, "offline (default), online or disabled"),
@@ -81,6 +82,9 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue a run (re-running the same command does too)")
     g.add_argument("--setting", dest="only", action="append", help="run only this setting id (repeatable)")
     g.add_argument("--allow-download", action="store_true", help="let metrics download missing weights")
+    g.add_argument(
+        "--fp32-reference", action="store_true", help="PSNR/SSIM/LPIPS vs FP32 images (default: --dtype's own)"
+    )
     for flag, typ, help_text in RUN_FLAGS:
         g.add_argument(flag, type=typ, help=help_text)
     a = parser.add_argument_group("sweep axes (one value or a comma list)")
@@ -226,6 +230,7 @@ def agent_args(o: SweepOptions, run_id: str) -> list[str]:
     args = ["--num-images", str(o.num_images), "--steps", str(o.steps), "--sampler", o.sampler]
     args += ["--guidance", str(o.guidance), "--seed", str(o.seed), "--prompts", o.prompts]
     args += ["--resolution", f"{o.width}x{o.height}", "--run-id", run_id]
+    args += ["--dtype", o.dtype, "--batch-size", str(o.batch_size)] + ["--fp32-reference"] * o.fp32_reference
     if o.checkpoint:
         args += ["--checkpoint", str(o.checkpoint)]
     return args

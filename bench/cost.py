@@ -47,13 +47,15 @@ class PeakRSS:
     """Peak resident memory (bytes) of this process inside a `with` block, sampled by a thread.
 
     `ru_maxrss` only ever grows over a process's life, so it cannot give one peak per sweep row.
-    On CUDA the allocator's own peak is reported as well.
+    On CUDA the allocator's own peak is reported as well (`cuda_peak`); `device_peak` is the peak of the
+    memory `device` computes in: the CUDA allocator's there, this process's RSS on the CPU.
     """
 
-    def __init__(self, interval: float = 0.01) -> None:
+    def __init__(self, device: torch.device | str | None = None, interval: float = 0.01) -> None:
         self.interval = interval
         self.peak = 0
         self.cuda_peak = 0
+        self.device = torch.device(device) if device is not None else None
         self._stop = threading.Event()
         self._proc = psutil.Process(os.getpid())
 
@@ -64,7 +66,7 @@ class PeakRSS:
 
     def __enter__(self) -> PeakRSS:
         if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self._cuda)
         self.peak = self._proc.memory_info().rss
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -75,7 +77,15 @@ class PeakRSS:
         self._thread.join()
         self.peak = max(self.peak, self._proc.memory_info().rss)
         if torch.cuda.is_available():
-            self.cuda_peak = torch.cuda.max_memory_allocated()
+            self.cuda_peak = torch.cuda.max_memory_allocated(self._cuda)
+
+    @property
+    def _cuda(self) -> torch.device | None:
+        return self.device if self.device is not None and self.device.type == "cuda" else None
+
+    @property
+    def device_peak(self) -> int:
+        return self.cuda_peak if self._cuda is not None else self.peak
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:

@@ -27,8 +27,8 @@ from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
-from stable_diffusion.errors import first_line
-from stable_diffusion.pipeline import StableDiffusion
+from stable_diffusion.errors import InputError, first_line
+from stable_diffusion.pipeline import Generation, StableDiffusion
 
 from . import cost, report, schema, wandb_report
 from .calibration import Calibration, Recorder
@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Sampled:
     images: list[np.ndarray]  # uint8 HxWx3, in prompt order
-    seconds: list[float]  # wall time per image
+    seconds: list[float]  # wall time per image (its chunk's time / chunk size)
     nonfinite: int
+    wall: float  # seconds for all images, all processes (sharding, batching, gathering included)
 
 
 class Runner:
@@ -62,27 +63,51 @@ class Runner:
     def sample(
         self, prompts: list[str], seeds: list[int], desc: str, sampling: dict[str, Any] | None = None
     ) -> Sampled:
-        """Sample this process's shard of the prompts (one image per prompt, its own seed); gather all.
+        """Sample this process's shard of the prompts, `--batch-size` per UNet call; gather all.
 
-        `sampling` overrides the plan's sampling options (a technique's `Compressed.sampling`); a UNet with
-        `reset_sampling_state()` (a stateful cache) is reset before every image.
+        Each image has its own seed (its own generator), so the images do not depend on the batch size or
+        the number of processes; an image's time is its chunk's time over the chunk size. `sampling`
+        overrides the plan's sampling options (a technique's `Compressed.sampling`); a UNet with
+        `reset_sampling_state()` (a stateful cache) is reset before every call.
         """
         options = {**self.plan.sampling(), **(sampling or {})}
         reset = getattr(self.sd.model.unet, "reset_sampling_state", None)
-        indices = list(range(len(prompts)))
+        n = self.plan.options.batch_size
+        start = time.perf_counter()
         local: list[tuple[int, np.ndarray, float, bool]] = []
-        with self.state.split_between_processes(indices) as shard:
-            for i in tqdm(shard, desc=desc, leave=False, disable=not self.main):
+        with self.state.split_between_processes(list(range(len(prompts)))) as shard:
+            bar = tqdm(total=len(shard), desc=desc, leave=False, disable=not self.main)
+            for chunk in (shard[i : i + n] for i in range(0, len(shard), n)):
                 if reset is not None:
                     reset()
                 t0 = time.perf_counter()
-                out = self.sd(prompts[i], seed=seeds[i], progress=False, **options)
-                finite = bool(torch.isfinite(out.latents).all() and torch.isfinite(out.pixels).all())
+                out = self._sample_chunk([prompts[i] for i in chunk], [seeds[i] for i in chunk], options)
+                finite = torch.isfinite(out.latents).flatten(1).all(1) & torch.isfinite(out.pixels).flatten(1).all(1)
                 pixels = torch.nan_to_num(out.pixels, nan=0.0)
-                arr = (pixels[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-                local.append((i, arr, time.perf_counter() - t0, finite))
+                arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+                per_image = (time.perf_counter() - t0) / len(chunk)
+                local += [(i, arrays[j], per_image, bool(finite[j])) for j, i in enumerate(chunk)]
+                bar.update(len(chunk))
+            bar.close()
         gathered = sorted(gather_object(local), key=lambda r: r[0])
-        return Sampled([g[1] for g in gathered], [g[2] for g in gathered], sum(not g[3] for g in gathered))
+        wall = time.perf_counter() - start
+        return Sampled([g[1] for g in gathered], [g[2] for g in gathered], sum(not g[3] for g in gathered), wall)
+
+    def _sample_chunk(self, prompts: list[str], seeds: list[int], options: dict[str, Any]) -> Generation:
+        """One batched pipeline call; running out of device memory becomes one clear InputError."""
+        try:
+            return self.sd(prompts, seeds=seeds, progress=False, **options)
+        except torch.OutOfMemoryError:
+            if self.sd.device.type == "cuda":
+                torch.cuda.empty_cache()
+            hint = (
+                f"try --batch-size {max(1, len(prompts) // 2)}" if len(prompts) > 1
+                else "even one image does not fit: lower --resolution or use another device"
+            )  # fmt: skip
+            raise InputError(
+                f"out of {self.sd.device} memory sampling {len(prompts)} images per call (--batch-size "
+                f"{self.plan.options.batch_size}, {options['width']}x{options['height']}); {hint}"
+            ) from None
 
     def calibrate(self) -> Calibration:
         """Record UNet inputs while the FP32 model samples the calibration prompts (never eval prompts)."""
@@ -160,9 +185,9 @@ class Runner:
         compressed = self.compress(setting)
         self.sd.model.swap_unet(compressed.module)
         try:
-            with cost.PeakRSS() as mem:
+            with cost.PeakRSS(self.sd.device) as mem:
                 sampled = self.sample(self.plan.prompts, self.plan.seeds, setting.id, compressed.sampling)
-            if setting.technique == BASELINE:
+            if setting.technique == BASELINE and self.baseline is None:  # (--fp32-reference set it already)
                 self.baseline = sampled.images
             if not self.main:
                 return
@@ -181,7 +206,9 @@ class Runner:
             measured = {
                 "latency_image_p50_s": p50,
                 "latency_image_p90_s": p90,
+                "images_per_s": len(sampled.images) / sampled.wall,
                 "peak_rss_mb": mem.peak / 2**20,
+                "peak_mem_mb": mem.device_peak / 2**20,
                 **self.measure_cost(compressed.module),
             }
             technique = self.plan.techniques.get(setting.technique)
@@ -230,6 +257,24 @@ class Runner:
                 self.save_images(setting, images)
         return images
 
+    def fp32_reference(self) -> list[np.ndarray]:
+        """`--fp32-reference`: the images the model makes in FP32 (same prompts and seeds), sampled once per
+        run folder by a second, FP32 copy of the pipeline and kept under images/reference-fp32/."""
+        setting = Setting("reference-fp32")
+        folder = self.plan.run_dir / "images" / setting.slug
+        if len(list(folder.glob("*.png"))) == len(self.plan.prompts) and (images := self.load_images(setting)):
+            return images
+        sd, self.sd = self.sd, self.plan.load_pipeline("fp32")
+        try:
+            sampled = self.sample(self.plan.prompts, self.plan.seeds, desc="fp32 reference")
+        finally:
+            self.sd = sd
+            if sd.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if self.main:
+            self.save_images(setting, sampled.images)
+        return sampled.images
+
     # -- the sweep --------------------------------------------------------------------------------
     def run(self) -> Path:
         plan = self.plan
@@ -242,9 +287,12 @@ class Runner:
         for metric in plan.metrics:
             for hint in [metric.unavailable()] if metric.unavailable() else metric.hints():
                 log.warning("%s: column(s) left empty: %s", metric.name, hint)
+        if plan.reference_dtype != plan.options.dtype and todo:
+            self.baseline = self.fp32_reference()
         for setting in tqdm(plan.settings, desc="sweep", disable=not self.main):
             if setting.technique == BASELINE and setting.id in done:
-                self.baseline = self.baseline_images(setting)
+                if self.baseline is None:
+                    self.baseline = self.baseline_images(setting)
                 continue
             if setting.id in done or (self.state.num_processes == 1 and setting.id in results.finished()):
                 continue  # finished before, or meanwhile by another agent (sharded runs decide once, together)

@@ -19,7 +19,7 @@ import torch
 
 from stable_diffusion.defaults import REPO_ROOT, embedded_checkpoint
 from stable_diffusion.errors import InputError
-from stable_diffusion.pipeline import load_pipeline
+from stable_diffusion.pipeline import DTYPES, StableDiffusion, check_device, load_pipeline
 
 from .data import COCO_DIR, PromptSet, ReferenceSet, file_sha256, load_prompts, load_reference
 from .manifest import git_sha, versions
@@ -70,6 +70,8 @@ class SweepOptions:
     lpips_weights: Path | None = None
     allow_download: bool = False
     latency_repeats: int = 5
+    batch_size: int = 1  # prompts per pipeline call (images do not depend on it: one seed per image)
+    fp32_reference: bool = False  # fidelity vs FP32 images even when --dtype is fp16/bf16
     wandb_project: str = "sdbench"
     wandb_mode: str = "offline"
     height: int | None = None  # resolved by the plan: --resolution or the preset's
@@ -78,6 +80,10 @@ class SweepOptions:
     def __post_init__(self) -> None:
         if self.num_images < 1:
             raise InputError(f"--num-images must be >= 1, got {self.num_images}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.latency_repeats < 1:
             raise InputError(f"--latency-repeats must be >= 1, got {self.latency_repeats}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
@@ -131,17 +137,18 @@ class SweepPlan:
     def __init__(self, options: SweepOptions, device: torch.device | str | None = None, is_main: bool = True) -> None:
         o = self.options = options
         self.techniques: dict[str, Technique] = {name: TECHNIQUES.get(name)() for name in o.techniques}
-        device = device or o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(check_device(device or o.device or ("cuda" if torch.cuda.is_available() else "cpu")))
         self.settings = [Setting(BASELINE)]
         if o.only:
             self.settings += [self._one_setting(text) for text in o.only if text != BASELINE]
         for technique in self.techniques.values() if not o.only else []:
             for s in technique_settings(technique, o.axes):
-                if s.id not in {x.id for x in self.settings} and not self._skipped(s, device):
+                if s.id not in {x.id for x in self.settings}:
                     self.settings.append(s)
+        self.skipped = self._refuse_unsupported(is_main)
 
         self.checkpoint = Path(o.checkpoint or embedded_checkpoint())
-        self.pipeline = load_pipeline(self.checkpoint, o.config, o.unet, o.dtype, device, o.unsafe_load)
+        self.pipeline = self.load_pipeline(o.dtype)
         cfg = self.pipeline.cfg
         self.default_resolution = (cfg.resolution, cfg.resolution)
         o.height, o.width = o.resolution or self.default_resolution
@@ -194,12 +201,30 @@ class SweepPlan:
                 raise InputError(f"--setting {text!r}: {axis}={value} is outside this sweep's {axis} {given}")
         return match[0]
 
-    def _skipped(self, setting: Setting, device: torch.device | str) -> bool:
-        """A setting its technique cannot run on this device is left out of the plan, with the reason."""
-        reason = self.techniques[setting.technique].unsupported(technique_setting(setting), device)
-        if reason:
-            log.warning("skipping %s: %s", setting.id, reason)
-        return reason is not None
+    def refusal(self, setting: Setting) -> str | None:
+        """Why this setting cannot run on the plan's device and dtype (its technique's `unsupported`, then its
+        `dtypes`), or None: the one check behind every plan-time skip."""
+        technique = self.techniques[setting.technique]
+        reason = technique.unsupported(technique_setting(setting), self.device)
+        if reason is None and self.options.dtype not in technique.dtypes:
+            reason = f"{technique.name} runs with --dtype {' or '.join(technique.dtypes)} only"
+        return reason
+
+    def _refuse_unsupported(self, log_them: bool) -> dict[str, str]:
+        """Leave out the settings that cannot run on this device or dtype; list them once, with the reason."""
+        skipped = {s.id: r for s in self.settings if s.technique != BASELINE and (r := self.refusal(s))}
+        self.settings = [s for s in self.settings if s.id not in skipped]
+        if log_them and skipped:
+            log.warning(
+                "planned %d setting(s) on %s (%s); skipped %d:\n%s", len(self.settings), self.device.type,
+                self.options.dtype, len(skipped), "\n".join(f"  skipped: {k} — {v}" for k, v in skipped.items()),
+            )  # fmt: skip
+        return skipped
+
+    def load_pipeline(self, dtype: str) -> StableDiffusion:
+        """The model of this sweep (checkpoint, preset, --unet) on its device, in `dtype`."""
+        o = self.options
+        return load_pipeline(self.checkpoint, o.config, o.unet, dtype, self.device, o.unsafe_load)
 
     def sampling(self) -> dict[str, Any]:
         """Sampling options of every image (a row's `Compressed.sampling` may override some)."""
@@ -218,8 +243,16 @@ class SweepPlan:
             "guidance": s["guidance"],
             "seed": self.options.seed,
             "prompts": self.prompt_set.describe(),
+            "device": self.device.type,
             "dtype": self.options.dtype,
+            "reference_dtype": self.reference_dtype,
+            "batch_size": self.options.batch_size,
         }
+
+    @property
+    def reference_dtype(self) -> str:
+        """Dtype of the images PSNR/SSIM/LPIPS compare against: the sweep's own, or fp32 if asked."""
+        return "fp32" if self.options.fp32_reference else self.options.dtype
 
     def manifest(self) -> dict[str, Any]:
         o = self.options
@@ -240,4 +273,5 @@ class SweepPlan:
             "metrics": {m.name: {"protocol": m.protocol(), "unavailable": m.unavailable()} for m in self.metrics},
             "options": json.loads(json.dumps(asdict(o), default=str)),
             "settings": [s.id for s in self.settings],
+            "skipped": self.skipped,
         }

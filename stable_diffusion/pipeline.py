@@ -19,7 +19,7 @@ from .checkpoint import load_model, load_unet_into
 from .config import SDConfig, get_config
 from .errors import InputError, first_line
 from .model import LatentDiffusion
-from .samplers import make_sampler
+from .samplers import Generators, make_sampler, randn
 from .tokenizer import CLIPTokenizer
 
 
@@ -93,6 +93,7 @@ class StableDiffusion:
         sampler: str = "pndm",
         guidance: float = 7.5,
         seed: int = 0,
+        seeds: list[int] | None = None,
         generator: torch.Generator | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -102,7 +103,11 @@ class StableDiffusion:
         strength: float = 0.8,
         progress: bool = True,
     ) -> Generation:
-        """Sample `batch` images per prompt. `init_image` (img2img) starts from a noised encoding of it."""
+        """Sample `batch` images per prompt. `init_image` (img2img) starts from a noised encoding of it.
+
+        `seeds` (one per image) gives each image its own generator for all its noise, so image i equals a
+        one-image call with `seed=seeds[i]` whatever the batch; otherwise one generator (`seed`) serves all.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if not prompts or len(negatives) != len(prompts):
@@ -119,26 +124,31 @@ class StableDiffusion:
         height = self.cfg.resolution if height is None else height  # 0 is an error, not "the default"
         width = self.cfg.resolution if width is None else width
         self._check(steps, guidance, height, width, batch)
-        gen = generator or torch.Generator().manual_seed(seed)
+        n = len(prompts) * batch
+        if seeds is not None and len(seeds) != n:
+            raise InputError(f"{len(seeds)} seeds for {n} images: give one seed per image")
+        gen: Generators = (
+            [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None
+            else generator or torch.Generator().manual_seed(seed)
+        )  # fmt: skip
         sched = make_sampler(sampler, self.cfg, eta=eta)
 
         cfg_on = guidance > 1.0  # as diffusers: no unconditional pass at guidance <= 1
         context = self.encode_prompt(prompts).repeat_interleave(batch, dim=0)
         if cfg_on:
             context = torch.cat([self.encode_prompt(negatives).repeat_interleave(batch, dim=0), context])
-        n = len(prompts) * batch
         shape = (n, self.cfg.unet.in_channels, height // self.cfg.vae.downsample, width // self.cfg.vae.downsample)
 
         if init is None:
             sched.set_timesteps(steps)
             timesteps = sched.timesteps
-            latents = torch.randn(shape, generator=gen) * sched.init_noise_sigma
+            latents = randn(shape, gen) * sched.init_noise_sigma
         else:
             timesteps = sched.img2img_timesteps(steps, strength)
             mean, std = self.model.vae.encode(init.to(self.device, self.dtype).expand(n, -1, -1, -1))
-            eps = torch.randn(mean.shape, generator=gen).to(self.device, self.dtype)
+            eps = randn(tuple(mean.shape), gen).to(self.device, self.dtype)
             x0 = self.cfg.scale_factor * (mean + std * eps)
-            noise = torch.randn(shape, generator=gen)
+            noise = randn(shape, gen).cpu()
             latents = sched.add_noise(x0.float().cpu(), noise, timesteps[:1].repeat(n))
         latents = latents.to(self.device, self.dtype)
 

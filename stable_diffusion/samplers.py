@@ -21,10 +21,30 @@ from .errors import InputError
 STEPS_OFFSET = 1  # SD v1-5 shifts the "leading" timesteps by one, so the last one is t=1
 
 
-def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Noise shaped like `like`, drawn as diffusers' randn_tensor does (on the generator's device)."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+Generators = torch.Generator | list[torch.Generator] | None  # a list: one generator per batch row
+
+
+def randn(
+    shape: tuple[int, ...],
+    generator: Generators,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Noise drawn as diffusers' randn_tensor does, on the generator's device.
+
+    With a list, row i comes from generator i alone, so an image's noise does not depend on its batch.
+    """
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([randn((1, *shape[1:]), g, dtype, device).to(device) for g in generator])
+    device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _randn(like: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Noise shaped like `like` (see `randn`), moved to its device."""
+    return randn(tuple(like.shape), generator, like.dtype, like.device).to(like.device)
 
 
 def alphas_cumprod(cfg: SDConfig) -> torch.Tensor:
@@ -80,14 +100,14 @@ class Sampler:
         return x
 
     def step(
-        self, eps: torch.Tensor, t: torch.Tensor | int, x: torch.Tensor, generator: torch.Generator | None = None
+        self, eps: torch.Tensor, t: torch.Tensor | int, x: torch.Tensor, generator: Generators = None
     ) -> torch.Tensor:
         """Move x from timestep t to the next, less noisy one, given the predicted noise eps."""
         if self.num_steps == 0:
             raise RuntimeError("call set_timesteps() before step()")
         return self._step(eps, int(t), x, generator)
 
-    def _step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         raise NotImplementedError
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -125,7 +145,7 @@ class DDIMSampler(Sampler):
             raise InputError(f"eta must be in [0, 1], got {eta!r}")
         self.eta = float(eta)
 
-    def _step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         prev_t = t - self.num_train_timesteps // self.num_steps
         a_t = self.alphas_cumprod[t]
         a_prev = self._alpha_prev(prev_t)
@@ -157,7 +177,7 @@ class PNDMSampler(Sampler):
         self._counter = 0  # steps taken in this run
         self._cur_sample: torch.Tensor | None = None  # x before the warm-up step
 
-    def _step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         ratio = self.num_train_timesteps // self.num_steps
         prev_t = t - ratio
         if self._counter != 1:
@@ -202,7 +222,7 @@ class DDPMSampler(Sampler):
         idx = int((self.timesteps == t).nonzero()[0][0])
         return -1 if idx == len(self.timesteps) - 1 else int(self.timesteps[idx + 1])
 
-    def _step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         prev_t = self._prev_timestep(t)
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self._one
@@ -267,7 +287,7 @@ class EulerSampler(Sampler):
         sigma = self.sigmas[self._ensure_index(t)]
         return x / (sigma**2 + 1) ** 0.5
 
-    def _step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         i = self._ensure_index(t)
         sample = x.to(torch.float32)
         sigma = self.sigmas[i]

@@ -73,10 +73,10 @@ class Fidelity(Metric):
     name = "fidelity"
     order = 10
     columns = (
-        Column("psnr", "dB vs the FP32 baseline images (mean over images)", label="PSNR vs FP32 images (dB)",
-               better="higher"),
-        Column("ssim", "SSIM vs the FP32 baseline images", label="SSIM vs FP32 images", better="higher"),
-        Column("lpips", "LPIPS vs the FP32 baseline images (empty without backbone weights)",
+        Column("psnr", "dB vs the baseline images of reference_dtype (mean over images)",
+               label="PSNR vs FP32 images (dB)", better="higher"),
+        Column("ssim", "SSIM vs the same reference images", label="SSIM vs FP32 images", better="higher"),
+        Column("lpips", "LPIPS vs the same reference images (empty without backbone weights)",
                label="LPIPS vs FP32 images", better="lower"),
         Column("mse", "pixel MSE vs baseline, [0,1] range", label="pixel MSE vs FP32 images ([0,1] range)",
                better="lower"),
@@ -138,7 +138,7 @@ class Fidelity(Metric):
         else:
             backbone = "alexnet downloaded by torchvision" if source else None
         return {
-            "reference": "the FP32 baseline's images (same prompts and seeds)",
+            "reference": "the baseline's images of reference_dtype (same prompts and seeds)",
             "psnr": "torchmetrics, data_range=1.0, per image then mean (inf when identical)",
             "ssim": "torchmetrics, gaussian 11x11 sigma 1.5, data_range=1.0, per image then mean",
             "mse": "torchmetrics, [0, 1] pixels, mean over all pixels of all images",

@@ -77,7 +77,8 @@ class Technique:
     columns: ClassVar[tuple[Column, ...]] = ()
     plot_x: ClassVar[str | None] = None
     needs_calibration: ClassVar[bool] = False
-    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")  # device types its settings can run on
+    dtypes: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")  # pipeline --dtype values it accepts
 
     @classmethod
     def axis(cls, name: str) -> Axis:

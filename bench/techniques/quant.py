@@ -120,11 +120,6 @@ class Quantization(Technique):
                label="max relative weight error", better="lower"),
     )  # fmt: skip
 
-    def unsupported(self, setting: Setting, device: torch.device | str) -> str | None:
-        if setting.params.get("mode") not in STATIC_MODES and torch.device(device).type != "cpu":
-            return f"quant mode {setting.params.get('mode')} runs PyTorch's CPU kernels (use --device cpu)"
-        return super().unsupported(setting, device)
-
     def settings(self, axes: Mapping[str, list[Any]]) -> list[Setting]:
         """One row per applicable combination; the defaults give one row per mode (two observers for static)."""
         axes = {name: [self.axis(name).check(v) for v in values] for name, values in axes.items()}
@@ -145,12 +140,20 @@ class Quantization(Technique):
             raise InputError("no quant setting matches these axis values (e.g. layers=conv needs a static mode)")
         return unique
 
+    def unsupported(self, setting: Setting, device: torch.device | str) -> str | None:
+        """The real-kernel modes call PyTorch's CPU-only int8/int4 ops; the simulated static modes run anywhere."""
+        if reason := super().unsupported(setting, device):
+            return reason
+        mode = setting.params.get("mode")
+        if mode not in STATIC_MODES and torch.device(device).type != "cpu":
+            return f"quant mode {mode} runs PyTorch's CPU kernels (no CUDA kernel for it here); use --device cpu"
+        return None
+
     def apply(self, unet: nn.Module, setting: Setting, calibration: Calibration | None = None) -> Compressed:
         p = self._params(setting)
         mode = p["mode"]
-        device = next(unet.parameters()).device
-        if mode not in STATIC_MODES and device.type != "cpu":
-            raise InputError(f"quant mode {mode} runs PyTorch's CPU kernels; use --device cpu (or a static mode)")
+        if reason := self.unsupported(setting, next(unet.parameters()).device):
+            raise InputError(reason)  # the sweep plan leaves such settings out; this guards direct calls
         calls: list[UNetCall] = []
         extra: dict[str, Any] = {"skipped_layers": 0, "timestep_groups_empty": None}
         if mode == "dynamic-int8":
@@ -283,6 +286,7 @@ def calibrate(
     call_groups = [ops.timestep_group(c.t, n_groups, c.x.shape[0]) for c in calls]
     per_group = torch.bincount(torch.cat(call_groups), minlength=n_groups).tolist()
     gen = torch.Generator().manual_seed(0)
+    weight = next(unet.parameters())  # recorded calls live on the CPU in fp32: run them where the model is
 
     def make(g: int) -> ops.MinMaxObserver | ops.PercentileObserver:
         if observer == "minmax":
@@ -306,7 +310,8 @@ def calibrate(
         with torch.inference_mode():
             for call, groups in zip(calls, call_groups, strict=True):
                 current["groups"] = groups
-                unet(call.x, call.t, call.context)
+                x, context = (v.to(weight.device, weight.dtype) for v in (call.x, call.context))
+                unet(x, call.t.to(weight.device), context)
     finally:
         for h in handles:
             h.remove()

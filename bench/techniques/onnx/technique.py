@@ -77,6 +77,7 @@ class OnnxRuntime(Technique):
     name = "onnx"
     summary = "UNet exported to ONNX, run by ONNX Runtime in FP32, INT8 (dynamic, static QDQ) or INT4"
     order = 40
+    dtypes = ("fp32",)  # it exports and quantizes FP32 models
     needs_calibration = True  # only static-int8 settings ask for prompts (`calib_prompts`)
     axes = (
         Axis("onnx_mode", MODES, text, "ONNX Runtime mode (int4 only where this ORT can make it)", MODES),
@@ -96,9 +97,6 @@ class OnnxRuntime(Technique):
         Column("calib_prompts", "calibration prompts used", plot=False),
         CORE["gflops_per_step"],  # of the PyTorch UNet: FlopCounterMode cannot see inside ORT
     )  # fmt: skip
-
-    def unsupported(self, setting: Setting, device: torch.device | str) -> str | None:
-        return provider_unavailable(setting.params.get("onnx_provider", "cpu")) or super().unsupported(setting, device)
 
     def __init__(self, cache_dir: Path | None = None) -> None:
         self.cache_dir = cache_root(cache_dir)
@@ -124,11 +122,15 @@ class OnnxRuntime(Technique):
             out += [Setting(self.name, {**base, **e}) for e in extra]
         return list({s.id: s for s in out}.values())
 
+    def unsupported(self, setting: Setting, device: torch.device | str) -> str | None:
+        """A provider this onnxruntime build lacks (CUDA needs onnxruntime-gpu) is refused at plan time."""
+        return super().unsupported(setting, device) or provider_unavailable(self._params(setting)["onnx_provider"])
+
     def apply(self, unet: nn.Module, setting: Setting, calibration: Calibration | None = None) -> Compressed:
         p = self._params(setting)
         mode, ratio, provider = p["onnx_mode"], p["onnx_prune"], p["onnx_provider"]
-        if reason := provider_unavailable(provider):
-            raise InputError(reason)
+        if reason := self.unsupported(setting, next(unet.parameters()).device):
+            raise InputError(reason)  # the sweep plan leaves such settings out; this guards direct calls
         if next(unet.parameters()).dtype != torch.float32:
             raise InputError("the onnx technique exports and quantizes FP32 models: run the sweep with --dtype fp32")
         device = next(unet.parameters()).device
