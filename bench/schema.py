@@ -50,6 +50,10 @@ COST: tuple[Column, ...] = (
     Column("latency_image_p50_s", "one whole image (text encoder, all steps, VAE decode), median",
            label="image latency p50 (s)", better="lower"),
     Column("latency_image_p90_s", "90th percentile of the same", label="image latency p90 (s)", better="lower"),
+    Column("speedup_vs_fp32", "fp32 eager step latency / this row's (empty for simulated rows); filled at sweep end",
+           label="speedup vs fp32 eager", better="higher"),
+    Column("speedup_vs_best_dense", "best dense (fp32/bf16/fp16 x eager/compiled) step latency of this run / "
+           "this row's; filled at sweep end", label="speedup vs best dense", better="higher"),
     Column("peak_rss_mb", "peak resident memory of the process while sampling this setting", label="peak RSS (MB)",
            better="lower"),
     Column("unet_params", "UNet parameters", plot=False),
@@ -123,7 +127,8 @@ def assemble_row(
     return {**protocol, **params, **cost, **technique, **quality}
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """One value as its CSV string (empty for None and NaN)."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -141,10 +146,10 @@ def make_row(values: Mapping[str, Any]) -> dict[str, str]:
     extra = {}
     for key, value in values.items():
         if key in row and key != "extra":
-            row[key] = _cell(value)
+            row[key] = cell(value)
         elif value is not None:
             extra[key] = value
-    row["extra"] = _cell(extra) if extra else ""
+    row["extra"] = cell(extra) if extra else ""
     return row
 
 

@@ -78,6 +78,8 @@ class Technique:
     plot_x: ClassVar[str | None] = None
     needs_calibration: ClassVar[bool] = False
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    # techniques a `--sweep` of this one also runs unless its `mode` axis is given (their rows are its reference)
+    sweeps_with: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def axis(cls, name: str) -> Axis:
