@@ -222,6 +222,9 @@ def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | No
         raw = getattr(args, f"axis_{axis}")
         if raw is not None:
             axes[axis] = spec.values(raw)
+    if "mode" not in axes:  # e.g. `--sweep quant` also runs the precision rungs its speedups are measured against
+        expanded = [n for name in names for n in (*TECHNIQUES.get(name).sweeps_with, name)]
+        run["techniques"] = list(dict.fromkeys(expanded))
     return SweepOptions(axes=axes, **run)
 
 

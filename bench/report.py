@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D
 from PIL import Image
 
 from . import schema
+from .accel.speedup import LATENCY, best_dense
 from .registry import TECHNIQUES
 from .results import write_atomic
 from .schema import parse_float
@@ -272,8 +273,9 @@ def plot_pareto(
 ) -> Path:
     """Quality vs cost of every row (all techniques and backends) with the Pareto front labelled.
 
-    Colour = technique, marker = backend, hollow = simulated kernels. A quality of inf (psnr of the baseline
-    against itself) is drawn just above the highest finite value and said so in the legend.
+    Colour = technique, marker = backend, hollow = simulated kernels; the dashed line is the fastest dense
+    row (fp32/bf16/fp16, eager or compiled), the reference of `speedup_vs_best_dense`. A quality of inf
+    (psnr of the baseline against itself) is drawn just above the highest finite value and said so.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,6 +313,10 @@ def plot_pareto(
         handles["sim"] = Line2D([], [], ls="", marker="o", color="0.3", mfc="none", label=_SIMULATED_NOTE)
     if any(not math.isfinite(q) for q in qs):
         handles["inf"] = Line2D([], [], ls="", label=f"{quality} = ∞ (identical to baseline): drawn at the top")
+    best = best_dense(rows) if cost == LATENCY else None
+    if best is not None:
+        ref = (finite(best, cost) or 0.0) * cscale
+        handles["dense"] = ax.axvline(ref, ls="--", color="0.35", lw=1, label=f"best dense: {best.get('setting_id')}")
     front = pareto_rows(rows, quality, cost)
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "-o", color="k", lw=1, alpha=0.5, ms=14, mfc="none",
             zorder=2, label="Pareto front (real kernels)")  # fmt: skip

@@ -31,6 +31,7 @@ from stable_diffusion.errors import InputError, first_line
 from stable_diffusion.pipeline import Generation, StableDiffusion
 
 from . import cost, report, schema, wandb_report
+from .accel.speedup import rewrite_with_speedups
 from .calibration import Calibration, Recorder
 from .cli import agent_args
 from .modifiers.base import ApplyContext, modifiers_for, technique_setting
@@ -307,7 +308,7 @@ class Runner:
     def report(self, results: ResultsFile) -> None:
         """Plots, W&B sweep files (spread settings over machines) and the W&B run, from the finished CSV."""
         plan, o = self.plan, self.plan.options
-        rows = results.rows()
+        rows = rewrite_with_speedups(results)  # needs every dense row, so once all are done
         plots = report.write_report(plan.run_dir, rows)
         for name in plan.techniques if not o.only else []:  # an agent's --setting must not shrink the grid
             ids = [s.id for s in plan.settings if s.technique == name]

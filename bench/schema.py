@@ -57,6 +57,10 @@ COST: tuple[Column, ...] = (
     Column("latency_image_p90_s", "90th percentile of the same", label="image latency p90 (s)", better="lower"),
     Column("images_per_s", "images sampled per second over the whole setting (all processes, batching included)",
            label="images per second", better="higher"),
+    Column("speedup_vs_fp32", "fp32 eager step latency / this row's (empty for simulated rows); filled at sweep end",
+           label="speedup vs fp32 eager", better="higher"),
+    Column("speedup_vs_best_dense", "best dense (fp32/bf16/fp16 x eager/compiled) step latency of this run / "
+           "this row's; filled at sweep end", label="speedup vs best dense", better="higher"),
     Column("peak_rss_mb", "peak resident memory of the process while sampling this setting", label="peak RSS (MB)",
            better="lower"),
     Column("peak_mem_mb", "peak memory of the sampling device: CUDA allocator peak on cuda, process RSS on cpu",
@@ -132,7 +136,8 @@ def assemble_row(
     return {**protocol, **params, **cost, **technique, **quality}
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """One value as its CSV string (empty for None and NaN)."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -150,10 +155,10 @@ def make_row(values: Mapping[str, Any]) -> dict[str, str]:
     extra = {}
     for key, value in values.items():
         if key in row and key != "extra":
-            row[key] = _cell(value)
+            row[key] = cell(value)
         elif value is not None:
             extra[key] = value
-    row["extra"] = _cell(extra) if extra else ""
+    row["extra"] = cell(extra) if extra else ""
     return row
 
 

@@ -18,7 +18,8 @@ from torch import nn
 from bench.calibration import Calibration, UNetCall
 from bench.techniques import quant_ops as ops
 from bench.techniques.base import Setting
-from bench.techniques.quant import Quantization, measured_size_bytes
+from bench.techniques.quant import MODES, Quantization, measured_size_bytes
+from bench.techniques.torchao_quant import REAL_MODES
 from stable_diffusion.config import TINY
 from stable_diffusion.errors import InputError
 
@@ -242,6 +243,9 @@ def test_default_settings_one_row_per_mode():
         ("static-w8a8", "minmax"),
         ("static-w8a8", "percentile"),
         ("static-w8a8-timestep", "minmax"),
+        ("torchao-int8-dynamic", None),  # real-kernel modes: tests/test_accel.py
+        ("torchao-int8-weight", None),
+        ("pt2e-static-int8", None),
     ]
     assert rows[0].params == {"mode": "dynamic-int8", "granularity": "channel", "layers": "linear"}
     assert rows[3].params["layers"] == "all" and rows[5].params["timestep_groups"] == 4
@@ -260,7 +264,7 @@ def test_given_axes_expand_only_where_they_apply():
 def test_every_default_row_applies_and_runs(unet, calibration, inputs):
     ref = run(unet, inputs)
     fp32_size = measured_size_bytes(unet)
-    for setting in Q.settings({}):
+    for setting in Q.settings({"mode": [m for m in MODES if m not in REAL_MODES]}):
         out = Q.apply(copy.deepcopy(unet), setting, calibration)
         y = run(out.module, inputs, torch.tensor(640))
         assert y.shape == ref.shape and torch.isfinite(y).all(), setting.id

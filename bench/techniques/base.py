@@ -79,6 +79,8 @@ class Technique:
     needs_calibration: ClassVar[bool] = False
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")  # device types its settings can run on
     dtypes: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")  # pipeline --dtype values it accepts
+    # techniques a `--sweep` of this one also runs unless its `mode` axis is given (their rows are its reference)
+    sweeps_with: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def axis(cls, name: str) -> Axis:

@@ -18,6 +18,11 @@ Modes (axis `mode`), and what actually runs:
   [0, 1000)), as in timestep-aware diffusion PTQ (Q-Diffusion and successors); a wrapper sets the group of
   the current t before each call. Ranges are observed on the FP32 model (no reconstruction / AdaRound).
 
+Real kernels under torch.compile (`bench/techniques/torchao_quant.py`): `torchao-int8-dynamic`,
+`torchao-int8-weight`, `torchao-int4-weight`, `torchao-float8` (torchao, Linear only) and
+`pt2e-static-int8` (PT2E X86 Inductor static W8A8 on Conv2d and Linear, real calibration trajectories).
+Their `compile` axis (eager / compile / max-autotune) defaults to compile; the torch.ao modes above stay eager.
+
 Axes: `mode`; `bits` (a filter on weight bits - 8 or 4 - since each mode implies its bit width);
 `granularity` (`channel`/`tensor`, 8-bit weights); `group_size` (int4); `act_dtype` (weight-only);
 `layers` (`all`, `linear`, `conv`, `attn` = attention projections only; real-kernel modes quantize Linear
@@ -37,18 +42,23 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from bench.accel.compile import AXIS as COMPILE_CHOICES
+from bench.accel.torchao_modes import WEIGHT_BITS as TORCHAO_BITS
 from stable_diffusion.errors import InputError
 from stable_diffusion.pipeline import DTYPES
 
 from ..calibration import Calibration, UNetCall
 from ..registry import TECHNIQUES, Axis, Column, positive_int, text
 from . import quant_ops as ops
+from . import torchao_quant as real
 from .base import Compressed, Setting, Technique
 from .layers import KINDS, select
+from .precision import COMPILE, COMPILE_S
 
-MODES = ["dynamic-int8", "weight-int8", "weight-int4", "static-w8a8", "static-w8a8-timestep"]
+MODES = ["dynamic-int8", "weight-int8", "weight-int4", "static-w8a8", "static-w8a8-timestep", *real.REAL_MODES]
 STATIC_MODES = ("static-w8a8", "static-w8a8-timestep")
 WEIGHT_BITS = {"dynamic-int8": 8, "weight-int8": 8, "weight-int4": 4, "static-w8a8": 8, "static-w8a8-timestep": 8}
+WEIGHT_BITS |= {m: TORCHAO_BITS[short] for m, short in real.TORCHAO_MODES.items()} | {real.PT2E: 8}
 LINEAR_ONLY = ["linear", "attn"]  # the real-kernel modes quantize nn.Linear only
 GROUP_SIZES = [32, 64, 128, 256]  # what the CPU int4 kernel accepts
 ACT_DTYPES = {k: DTYPES[k] for k in ("bf16", "fp32")}
@@ -63,6 +73,9 @@ MODE_AXES = {
     "weight-int4": ("group_size", "layers", "act_dtype"),
     "static-w8a8": ("granularity", "layers", "observer", "calib_prompts"),
     "static-w8a8-timestep": ("granularity", "layers", "observer", "calib_prompts", "timestep_groups"),
+    **{m: ("compile",) for m in real.TORCHAO_MODES},
+    "torchao-int4-weight": ("group_size", "compile"),
+    real.PT2E: ("calib_prompts", "compile"),
 }
 DEFAULTS: dict[str, Any] = {
     "granularity": "channel",
@@ -71,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "observer": "minmax",
     "calib_prompts": 4,
     "timestep_groups": 4,
+    "compile": "compile",
 }
 # Per-mode defaults where one value does not fit all modes.
 MODE_DEFAULTS: dict[str, dict[str, list[Any]]] = {
@@ -79,6 +93,7 @@ MODE_DEFAULTS: dict[str, dict[str, list[Any]]] = {
     "weight-int4": {"layers": ["linear"]},
     "static-w8a8": {"layers": ["all"], "observer": ["minmax", "percentile"]},
     "static-w8a8-timestep": {"layers": ["all"]},
+    "torchao-int4-weight": {"group_size": [128]},
 }
 
 
@@ -97,6 +112,7 @@ class Quantization(Technique):
     summary = "post-training quantization: dynamic INT8, weight-only INT8/INT4 (real CPU kernels), static W8A8"
     order = 30
     needs_calibration = True
+    sweeps_with = ("precision",)  # the dense rungs its speedups are measured against
     axes = (
         Axis("mode", MODES, text, "quantization mode", MODES),
         Axis("bits", [8, 4], positive_int, "keep the modes of these weight bit widths", [8, 4]),
@@ -110,6 +126,8 @@ class Quantization(Technique):
         Axis("observer", ["minmax"], text, "activation range observer (static modes)", OBSERVERS),
         Axis("calib_prompts", [4], positive_int, "calibration prompts (static modes)"),
         Axis("timestep_groups", [4], _timestep_groups, "activation ranges per timestep group (static-w8a8-timestep)"),
+        Axis("compile", ["compile"], text, "torch.compile (inductor) of the torchao / PT2E modes; default compile",
+             list(COMPILE_CHOICES)),
     )  # fmt: skip
     columns = (
         Column("mode", "quantization mode", plot=False),
@@ -118,6 +136,10 @@ class Quantization(Technique):
         Column("calib_prompts", "calibration prompts used", plot=False),
         Column("weight_error_max_rel", "max over layers of max|w - deq(q(w))| / max|w|",
                label="max relative weight error", better="lower"),
+        COMPILE,
+        COMPILE_S,
+        Column("quant_peak_rss_mb", "peak resident memory while quantizing (PT2E export + calibration + convert)",
+               label="quantize peak RSS (MB)", better="lower"),
     )  # fmt: skip
 
     def settings(self, axes: Mapping[str, list[Any]]) -> list[Setting]:
@@ -130,10 +152,14 @@ class Quantization(Technique):
                 continue
             combos: list[dict[str, Any]] = [{"mode": mode}]
             for axis in MODE_AXES[mode]:
-                values = axes.get(axis) or MODE_DEFAULTS[mode].get(axis) or [DEFAULTS[axis]]
+                values = axes.get(axis) or MODE_DEFAULTS.get(mode, {}).get(axis) or [DEFAULTS[axis]]
                 if axis == "layers" and mode not in STATIC_MODES:
                     values = [v for v in values if v in LINEAR_ONLY]
+                if axis == "compile" and mode == real.PT2E:
+                    values = [v for v in values if v != "eager"]  # eager PT2E is fp32 q/dq maths
                 combos = [{**c, axis: v} for c in combos for v in values]
+            # the compile modifier at its default (eager) adds nothing to a setting id
+            combos = [{k: v for k, v in c.items() if (k, v) != ("compile", "eager")} for c in combos]
             out.extend(Setting(self.name, c) for c in combos)
         unique = list({s.id: s for s in out}.values())
         if not unique:
@@ -141,11 +167,13 @@ class Quantization(Technique):
         return unique
 
     def unsupported(self, setting: Setting, device: torch.device | str) -> str | None:
-        """The real-kernel modes call PyTorch's CPU-only int8/int4 ops; the simulated static modes run anywhere."""
+        """Real-kernel modes need their kernels on `device`; torch.ao modes are CPU-only; simulated run anywhere."""
         if reason := super().unsupported(setting, device):
             return reason
-        mode = setting.params.get("mode")
-        if mode not in STATIC_MODES and torch.device(device).type != "cpu":
+        mode, kind = setting.params.get("mode"), torch.device(device).type
+        if mode in real.REAL_MODES:
+            return real.unavailable(mode, kind)
+        if mode not in STATIC_MODES and kind != "cpu":
             return f"quant mode {mode} runs PyTorch's CPU kernels (no CUDA kernel for it here); use --device cpu"
         return None
 
@@ -154,6 +182,8 @@ class Quantization(Technique):
         mode = p["mode"]
         if reason := self.unsupported(setting, next(unet.parameters()).device):
             raise InputError(reason)  # the sweep plan leaves such settings out; this guards direct calls
+        if mode in real.REAL_MODES:
+            return real.apply_real(unet, p, calibration)
         calls: list[UNetCall] = []
         extra: dict[str, Any] = {"skipped_layers": 0, "timestep_groups_empty": None}
         if mode == "dynamic-int8":
@@ -197,7 +227,10 @@ class Quantization(Technique):
             if axis != "mode" and axis not in MODE_AXES[mode]:
                 raise InputError(f"{axis} does not apply to quant mode {mode}")
         for axis in MODE_AXES[mode]:
-            params.setdefault(axis, MODE_DEFAULTS[mode].get(axis, [DEFAULTS.get(axis)])[0])
+            default = "eager" if axis == "compile" else MODE_DEFAULTS.get(mode, {}).get(axis, [DEFAULTS.get(axis)])[0]
+            params.setdefault(axis, default)  # a setting id without compile is the eager one
+        if mode in real.REAL_MODES:
+            return params
         if mode not in STATIC_MODES and params["layers"] not in LINEAR_ONLY:
             raise InputError(f"quant mode {mode} quantizes Linear layers only; layers must be one of: linear, attn")
         return params
