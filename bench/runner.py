@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from stable_diffusion.pipeline import StableDiffusion
 
 from . import cost, report
+from .recovery import before_recovery_fields
 from .results import ResultsFile
 from .sweep import SweepPlan
 from .techniques.base import Calibration, Compressed, Setting, UNetCall
@@ -111,6 +112,8 @@ class Runner:
         if setting.technique == "baseline":
             return Compressed(self.base_unet, {"kernels": "dense fp32"})
         technique = self.plan.techniques[setting.technique]
+        if hasattr(technique, "bind"):  # techniques that train (structured recovery) need data and a folder
+            technique.bind(self.sd.model, self.plan.run_dir)
         calibration = self.calibrate() if technique.needs_calibration else None
         return technique.apply(copy.deepcopy(self.base_unet), setting, calibration)
 
@@ -185,6 +188,8 @@ class Runner:
                 **self.quality(sampled.images),
             }
             fields.setdefault("size_bytes", fields["size_dense_bytes"])
+            if before := fields.pop("before_recovery", None):
+                fields.update(before_recovery_fields(report.read_rows(results.path), before))
             results.append(fields)
         finally:
             self.sd.model.swap_unet(self.base_unet)

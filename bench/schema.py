@@ -40,6 +40,11 @@ COLUMNS: list[tuple[str, str]] = [
     ("bits_activations", "activation bit width (empty = fp32)"),
     ("calib_prompts", "calibration prompts used"),
     ("weight_error_max_rel", "max over layers of max|w - deq(q(w))| / max|w|"),
+    ("structure", "structured kind: channels, bk-base/small/tiny, separable"),
+    ("recovery", "recovery training after compression: none, kd, lora"),
+    ("recovery_steps", "recovery training steps done"),
+    ("recovery_cpu_min", "process CPU minutes of recovery training"),
+    ("psnr_before_recovery", "PSNR of the same compressed UNet before recovery (its recovery=none row)"),
     # fidelity to the uncompressed model (same prompts and seeds): the primary quality signal
     ("psnr", "dB vs the FP32 baseline images (mean over images)"),
     ("ssim", "SSIM vs the FP32 baseline images"),

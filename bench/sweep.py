@@ -33,7 +33,7 @@ from .techniques.base import Setting, Technique, parse_axis, parse_setting_id
 
 log = logging.getLogger(__name__)
 
-ALL_TECHNIQUES = ["prune", "quant", "onnx"]
+ALL_TECHNIQUES = ["prune", "quant", "onnx", "structured"]
 PACKAGES = [
     "torch",
     "diffusers",

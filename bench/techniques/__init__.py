@@ -13,6 +13,7 @@ REGISTRY = {
     "prune": "bench.techniques.prune:Pruning",
     "quant": "bench.techniques.quant:Quantization",
     "onnx": "bench.techniques.onnx:OnnxRuntime",
+    "structured": "bench.techniques.structured:Structured",
 }
 
 
