@@ -111,6 +111,7 @@ class RecoveryConfig:
     feat_weight: float = 1.0
     task_weight: float = 1.0
     save_every: int = 50
+    eval_batches: int = 4  # held-out batches (of `batch`) for the teacher-MSE before/after
     work_dir: Path | None = None  # resumable state lives here (None: not resumable)
     data: DenoisingData | None = field(default=None, repr=False)
 
@@ -181,7 +182,7 @@ def kd_loss(
     feat = torch.stack(feats).sum() if feats else eps_s.new_zeros(())
     task = F.mse_loss(eps_s, noise)
     loss = cfg.out_weight * out + cfg.feat_weight * feat + cfg.task_weight * task
-    return loss, {"out": float(out), "feat": float(feat), "task": float(task)}
+    return loss, {"out": float(out.detach()), "feat": float(feat.detach()), "task": float(task.detach())}
 
 
 def add_lora(unet: nn.Module, rank: int) -> nn.Module:
@@ -206,7 +207,7 @@ def merge_lora(unet: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def teacher_mse(student: nn.Module, teacher: nn.Module, data: DenoisingData, n: int = 4, size: int = 16) -> float:
+def teacher_mse(student: nn.Module, teacher: nn.Module, data: DenoisingData, n: int, size: int) -> float:
     """Mean output MSE to the teacher on held-out batches (steps -1..-n, never trained on)."""
     total = 0.0
     for i in range(n):
@@ -230,7 +231,7 @@ def recover(unet: nn.Module, teacher: nn.Module, cfg: RecoveryConfig) -> tuple[n
         raise ValueError("recover() needs cfg.data (a DenoisingData)")
     data = cfg.data
     teacher = teacher.eval().requires_grad_(False)
-    before = teacher_mse(unet, teacher, data)
+    before = teacher_mse(unet, teacher, data, cfg.eval_batches, cfg.batch)
     adapters = make_adapters(unet, teacher, data.batch(0, 4))
     if cfg.kind == "lora":
         unet = add_lora(unet, cfg.lora_rank)
@@ -284,7 +285,7 @@ def recover(unet: nn.Module, teacher: nn.Module, cfg: RecoveryConfig) -> tuple[n
         "recovery_loss_first": history[0] if history else None,
         "recovery_loss_last": float(np.mean(history[-10:])) if history else None,
         "teacher_mse_before_recovery": before,
-        "teacher_mse_after_recovery": teacher_mse(unet, teacher, data),
+        "teacher_mse_after_recovery": teacher_mse(unet, teacher, data, cfg.eval_batches, cfg.batch),
     }
     return unet, stats
 
