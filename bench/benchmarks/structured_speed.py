@@ -82,7 +82,8 @@ def embedded(args) -> None:
     lat = step_latency({"dense": dense, "pruned": pruned}, latent, args.batch, args.warmup, args.repeats)
     print(
         f"embedded {latent}x{latent} batch {args.batch}: params {params['dense']:,} -> {params['pruned']:,} "
-        f"({params['pruned'] / params['dense']:.3f}x); GFLOPs {flops['dense'] / 1e9:.3f} -> {flops['pruned'] / 1e9:.3f} "
+        f"({params['pruned'] / params['dense']:.3f}x); "
+        f"GFLOPs {flops['dense'] / 1e9:.3f} -> {flops['pruned'] / 1e9:.3f} "
         f"({flops['pruned'] / flops['dense']:.3f}x, target <= 0.5x); step p50 {lat['dense'][0] * 1e3:.1f} -> "
         f"{lat['pruned'][0] * 1e3:.1f} ms ({lat['pruned'][0] / lat['dense'][0]:.3f}x, target <= 0.65x)",
         flush=True,
@@ -94,7 +95,8 @@ def embedded(args) -> None:
     recovered, stats = recover(copy.deepcopy(pruned), dense, rc)
     print(
         f"kd recovery: {stats['recovery_steps']} steps, {stats['recovery_wall_min']:.1f} wall min, "
-        f"{stats['recovery_cpu_min']:.1f} CPU min (target <= 15); teacher MSE {stats['teacher_mse_before_recovery']:.4f}"
+        f"{stats['recovery_cpu_min']:.1f} CPU min (target <= 15); "
+        f"teacher MSE {stats['teacher_mse_before_recovery']:.4f}"
         f" -> {stats['teacher_mse_after_recovery']:.4f}",
         flush=True,
     )
