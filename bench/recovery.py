@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,11 +187,16 @@ def kd_loss(
 
 
 def add_lora(unet: nn.Module, rank: int) -> nn.Module:
-    """peft LoRA adapters on the attention projections and ResBlock 3x3 convs; base weights frozen."""
+    """peft LoRA adapters on the attention projections and ResBlock 3x3 convs; base weights frozen.
+
+    Targets are exact module names of plain Linear/Conv2d layers (a separable conv is a Sequential).
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
     unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, lora_dropout=0.0, init_lora_weights=True)
+    plain = (n for n, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d))
+    targets = [n for n in plain if re.fullmatch(LORA_TARGETS, n)]
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0, init_lora_weights=True)
     return inject_adapter_in_model(config, unet)
 
 

@@ -103,9 +103,8 @@ def embedded(args) -> None:
     _, q_rec = quality(sd, recovered, prompts, ref, args.steps)
     q_fp["psnr"] = float("inf")
     print(f"quality on {len(prompts)} held-out shapes prompts, {args.steps} DDIM steps (fp32 / pruned / recovered):")
-    for key in ["psnr", "prompt_accuracy"] + sorted(
-        k for k in q_fp if k.startswith("prompt_acc_") and k != "prompt_acc_n"
-    ):
+    heads = sorted(k for k in q_fp if k.startswith("prompt_acc_") and k != "prompt_acc_n")
+    for key in ["psnr", "prompt_accuracy", *heads]:
         fp, pr, rec = q_fp[key], q_pr[key], q_rec[key]
         if key == "psnr":
             print(f"  psnr: pruned {pr:.2f} dB -> recovered {rec:.2f} dB (fp32 = inf: no gap share)")
