@@ -62,7 +62,7 @@ class DenoisingData:
         dev = next(model.parameters()).device
         means, stds, ctx = [], [], []
         with torch.no_grad():
-            for s in range(0, len(pixels), 64):
+            for s in tqdm(range(0, len(pixels), 64), desc="encoding recovery data", leave=False):
                 m, sd = model.vae.encode((pixels[s : s + 64].float() / 127.5 - 1.0).to(dev))
                 means.append(m.float().cpu())
                 stds.append(sd.float().cpu())
