@@ -30,6 +30,16 @@ def tiny_state_dict(tiny_model: LatentDiffusion) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in tiny_model.state_dict().items()}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many small tiny-model calls: one thread is several times faster than two on a loaded,
+    shared CPU (two threads mostly wait for each other). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.metrics.shapes import CHANCE_ALL, PromptAccuracy, ShapesFID, shapes_fid
-from bench.shapes_classifier import WEIGHTS, evaluate, load_classifier
+from bench.metrics.shapes_classifier import WEIGHTS, evaluate, load_classifier
 from stable_diffusion.shapes import ShapesDataset, to_tensor
 
 pytestmark = pytest.mark.skipif(not WEIGHTS.is_file(), reason="shipped shapes classifier weights missing")
@@ -29,7 +29,7 @@ def test_prompt_accuracy_real_vs_noise():
     images, prompts = _real("heldout", 4242, 128)
     real = metric.compute(images, prompts, None)
     assert real["prompt_accuracy"] >= 0.9 and real["prompt_acc_n"] == 128
-    assert set(real) <= set(metric.columns)
+    assert set(real) <= set(metric.column_names())
     noise = metric.compute(torch.rand(128, 3, 64, 64, generator=torch.Generator().manual_seed(0)), prompts, None)
     assert noise["prompt_accuracy"] <= 0.05  # chance: 1/1800
     assert CHANCE_ALL == pytest.approx(1 / 1800)

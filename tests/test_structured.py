@@ -187,25 +187,25 @@ def test_recovery_resumes_exactly(
     student = pruned
 
     def run(work, **kw):
-        cfg = RecoveryConfig(kind="kd", steps=4, batch=4, save_every=2, eval_batches=1, work_dir=work, data=data, **kw)
+        cfg = RecoveryConfig(kind="kd", steps=2, batch=2, save_every=1, eval_batches=1, work_dir=work, data=data, **kw)
         return recover(copy.deepcopy(student), model.unet, cfg)
 
     whole, stats = run(tmp_path / "a")
-    assert stats["recovery_steps"] == 4
+    assert stats["recovery_steps"] == 2
     real, calls = recovery.kd_loss, []
 
-    def dies_on_third(*args, **kwargs):
+    def dies_on_second(*args, **kwargs):  # after step 1 was saved: the resumed run trains step 2 only
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(recovery, "kd_loss", dies_on_third)
+    monkeypatch.setattr(recovery, "kd_loss", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b")
     monkeypatch.setattr(recovery, "kd_loss", real)
     resumed, stats_b = run(tmp_path / "b")
-    assert stats_b["recovery_steps"] == 4
+    assert stats_b["recovery_steps"] == 2
     a, b = whole.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
 import time
 
 import torch
 
-from bench.cost import flops_per_call
+from bench.benchmarks.shapes_eval import generate
+from bench.benchmarks.speed import benchmark_parser
+from bench.cost import flops_per_call, percentiles, time_alternating
 from bench.metrics.fidelity import Fidelity
 from bench.metrics.shapes import PromptAccuracy
 from bench.recovery import DenoisingData, RecoveryConfig, recover
-from bench.shapes_eval import generate
-from bench.speed import benchmark_parser, p90, time_calls
 from bench.structured import blocks
 from bench.structured.channels import prune_channels
 from stable_diffusion.config import V1_5
@@ -43,8 +42,8 @@ def step_latency(unets: dict[str, torch.nn.Module], latent: int, batch: int, war
     ctx = torch.randn(batch, 77, cfg.context_dim)
     t = torch.tensor(500)
     with torch.inference_mode():
-        times = time_calls({k: (lambda u=u: u(x, t, ctx)) for k, u in unets.items()}, warmup, repeats)
-    return {k: (statistics.median(v), p90(v)) for k, v in times.items()}
+        times = time_alternating({k: (lambda u=u: u(x, t, ctx)) for k, u in unets.items()}, warmup, repeats)
+    return {k: percentiles(v) for k, v in times.items()}
 
 
 def quality(sd: StableDiffusion, unet: torch.nn.Module, prompts: list[str], ref: torch.Tensor | None, steps: int):

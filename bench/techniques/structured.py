@@ -17,7 +17,7 @@ import copy
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,21 +28,11 @@ from stable_diffusion.errors import InputError
 
 from ..cost import count_params, dense_size_bytes
 from ..recovery import KINDS, DenoisingData, RecoveryConfig, recover
+from ..registry import TECHNIQUES, Axis, Column, positive_int, text
 from ..structured import blocks
 from ..structured.channels import IMPORTANCES, parse_parts, prune_channels
 from .base import Calibration, Compressed, Setting, Technique, check_choice, grid
 from .prune import parse_ratio
-
-try:  # issue 10's registry; until it lands the records below are plain data
-    from bench.registry import Axis, Column  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on the other branch
-
-    def Axis(*args: Any, **kwargs: Any) -> tuple:  # noqa: N802
-        return args
-
-    def Column(*args: Any, **kwargs: Any) -> tuple:  # noqa: N802
-        return args
-
 
 log = logging.getLogger(__name__)
 
@@ -50,39 +40,22 @@ STRUCTURES = ["channels", *blocks.PRESETS, "separable"]
 TAYLOR_BATCHES = 4  # calibration batches of the denoising loss for Taylor importance
 
 
-def _choice(axis: str, choices: list[str]):
-    return lambda v: check_choice(axis, v.strip(), choices)
+def _parts(value: object) -> str:
+    return "+".join(parse_parts(text(value)))
 
 
-def _parts(value: str) -> str:
-    return "+".join(parse_parts(value.strip()))
-
-
-def _steps(value: str) -> int:
-    if not str(value).strip().isdigit() or int(value) < 1:
-        raise InputError(f"recovery_steps must be a positive integer, got {value!r}")
-    return int(value)
-
-
+@TECHNIQUES.register
 class Structured(Technique):
     name = "structured"
     summary = "structured compression (channel/head/FFN pruning, BK-SDM block removal, separable convs) + recovery"
     order = 60
-    axes: ClassVar[dict[str, tuple[list[Any], Any]]] = {
-        "structure": (["channels", "bk-tiny", "separable"], _choice("structure", STRUCTURES)),
-        "ratio": ([0.5], parse_ratio),
-        "importance": (["taylor"], _choice("importance", list(IMPORTANCES))),
-        "parts": (["conv+heads+ffn"], _parts),
-        "recovery": (["none", "kd"], _choice("recovery", KINDS)),
-        "recovery_steps": ([300], _steps),
-    }
-    registry_axes = (
-        Axis("structure", ["channels", "bk-tiny", "separable"], str, "structured kind", choices=STRUCTURES),
-        Axis("ratio", [0.5], float, "fraction of channels / heads / FFN units removed"),
-        Axis("importance", ["taylor"], str, "channel importance", choices=list(IMPORTANCES)),
-        Axis("parts", ["conv+heads+ffn"], str, "what channel pruning removes: conv, heads, ffn"),
-        Axis("recovery", ["none"], str, "recovery training after compression", choices=KINDS),
-        Axis("recovery_steps", [300], int, "recovery training steps"),
+    axes = (
+        Axis("structure", ["channels", "bk-tiny", "separable"], text, "structured kind", choices=STRUCTURES),
+        Axis("ratio", [0.5], parse_ratio, "fraction of channels / heads / FFN units removed (structure=channels)"),
+        Axis("importance", ["taylor"], text, "channel importance (structure=channels)", choices=list(IMPORTANCES)),
+        Axis("parts", ["conv+heads+ffn"], _parts, "what channel pruning removes: conv, heads, ffn (+-joined)"),
+        Axis("recovery", ["none", "kd"], text, "recovery training after compression", choices=list(KINDS)),
+        Axis("recovery_steps", [300], positive_int, "recovery training steps (recovery=kd/lora)"),
     )
     columns = (
         Column("structure", "structured kind", label="Structure", better=None),
@@ -90,7 +63,9 @@ class Structured(Technique):
         Column("recovery_steps", "recovery steps trained", label="Recovery steps", better=None),
         Column("recovery_cpu_min", "CPU minutes of recovery training", label="Recovery CPU min", better="lower"),
         Column("psnr_before_recovery", "PSNR of the same UNet before recovery", label="PSNR before", better="higher"),
-    )
+        Column("unet_params_ratio", "UNet parameters / the uncompressed UNet's", label="UNet params ratio",
+               better="lower"),
+    )  # fmt: skip
     plot_x = "ratio"
     needs_calibration = False
     devices = ("cpu", "cuda")
@@ -100,12 +75,15 @@ class Structured(Technique):
         self.run_dir: Path | None = None
         self._data: DenoisingData | None = None
 
-    def bind(self, model: nn.Module, run_dir: Path) -> None:
-        """Called by the runner before apply: the full model (for data) and the run folder (for outputs)."""
-        self.model, self.run_dir = model, run_dir
+    def bind(self, model: nn.Module, run_dir: Path | None = None) -> None:
+        """The full model (training data; its UNet layout for `unsupported`) and the run folder (outputs).
+
+        The plan binds the model before it asks `unsupported`; the runner binds both before `apply`.
+        """
+        self.model, self.run_dir = model, run_dir or self.run_dir
 
     def settings(self, axes: Mapping[str, list[Any]]) -> list[Setting]:
-        values = {k: list(axes.get(k, d)) for k, (d, _) in self.axes.items()}
+        values = self.axis_values(axes)
         out: dict[str, Setting] = {}
         for p in grid(values):
             params: dict[str, Any] = {"structure": p["structure"]}
@@ -117,7 +95,9 @@ class Structured(Technique):
             out.setdefault(s.id, s)
         return list(out.values())
 
-    def unsupported(self, setting: Setting, device: str) -> str | None:
+    def unsupported(self, setting: Setting, device: torch.device | str) -> str | None:
+        if reason := super().unsupported(setting, device):
+            return reason
         structure = setting.params["structure"]
         if structure in blocks.PRESETS and self.model is not None:
             return blocks.unsupported(self.model.unet.cfg, structure)
@@ -167,12 +147,10 @@ class Structured(Technique):
                 rc.lr = 1e-3
             unet, stats = recover(unet, teacher, rc)
             fields.update(stats, before_recovery=unrecovered.id)
-        params, nonzeros = count_params(unet)
+        params = count_params(unet)[0]
         fields.update(
             kernels="dense fp32 (smaller architecture)",
-            unet_params=params,
-            unet_params_ratio=params / base_params,
-            nonzeros=nonzeros,
+            unet_params_ratio=params / base_params,  # unet_params / nonzeros: the runner measures them
             size_bytes=dense_size_bytes(unet.state_dict()),
         )
         if self.run_dir is not None and self.model is not None:
