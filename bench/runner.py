@@ -34,6 +34,7 @@ from . import cost, report, schema, wandb_report
 from .calibration import Calibration, Recorder
 from .cli import agent_args
 from .modifiers.base import ApplyContext, modifiers_for, technique_setting
+from .recovery import before_recovery_fields
 from .results import ResultsFile, write_atomic
 from .sweep import SweepPlan
 from .techniques.base import BASELINE, Compressed, Setting
@@ -130,6 +131,7 @@ class Runner:
         if setting.technique == BASELINE:
             return Compressed(self.base_unet, {"kernels": f"dense {self.plan.options.dtype}"})  # what really ran
         technique = self.plan.techniques[setting.technique]
+        technique.bind(self.sd.model, self.plan.run_dir)  # a technique that trains needs data and a folder
         calibration = self.calibrate() if technique.needs_calibration else None
         compressed = technique.apply(copy.deepcopy(self.base_unet), technique_setting(setting), calibration)
         ctx = ApplyContext(self.sd.device, self.base_unet, self.calibrate, self.plan.options)
@@ -223,6 +225,8 @@ class Runner:
                 declared,
             )
             fields.setdefault("size_bytes", fields["size_dense_bytes"])
+            if before := fields.pop("before_recovery", None):
+                fields.update(before_recovery_fields(report.read_rows(results.path), before))
             results.append(fields)
         finally:
             self.sd.model.swap_unet(self.base_unet)
