@@ -1,8 +1,12 @@
 """Recovery training of a compressed UNet: knowledge distillation (BK-SDM recipe) or LoRA, resumable.
 
 `kd`: every student weight is trained on  out_w * MSE(student eps, teacher eps)
-                                        + feat_w * sum over resolution levels of MSE(student, teacher features)
+                                        + feat_w * sum over resolution levels of relMSE(student, teacher features)
                                         + task_w * MSE(student eps, true noise)   (the denoising loss).
+relMSE(s, t) = MSE(s, t) / mean(t^2): each level's feature MSE relative to the teacher feature's mean square.
+Feature magnitudes differ from level to level and from the noise's (unit variance, so the output terms are
+already relative); unnormalised, the feature term was ~50x the output term on the embedded model and drowned
+it. Relative, every level weighs alike and a student that output zeros scores 1 per level.
 Features are the outputs of the last output block of each resolution level and of the middle block, where
 both nets have them; a student feature with fewer channels (channel pruning) passes a learned 1x1 conv
 (a FitNets hint adapter, dropped after training) to the teacher's width.
@@ -161,10 +165,16 @@ def make_adapters(student: nn.Module, teacher: nn.Module, batch: Batch) -> nn.Mo
     return adapters
 
 
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """MSE(student, teacher) / mean(teacher^2): scale-free, 0 when equal, 1 for an all-zero student."""
+    return F.mse_loss(student, teacher) / (teacher.detach().pow(2).mean() + eps)
+
+
 def kd_loss(
     student: nn.Module, teacher: nn.Module, batch: Batch, adapters: nn.ModuleDict, cfg: RecoveryConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """BK-SDM loss on one batch: output KD + feature KD + denoising; returns it and its parts."""
+    """BK-SDM loss on one batch: output KD + feature KD (relative MSE per level) + denoising; returns it and
+    its parts."""
     xt, t, ctx, noise = batch
     s_taps, t_taps = FeatureTaps(student), FeatureTaps(teacher)
     try:
@@ -175,7 +185,7 @@ def kd_loss(
         for name, fs in s_taps.features.items():
             ft = t_taps.features.get(name)
             if ft is not None and fs.shape[2:] == ft.shape[2:]:
-                feats.append(F.mse_loss(adapters[name](fs) if name in adapters else fs, ft))
+                feats.append(relative_mse(adapters[name](fs) if name in adapters else fs, ft))
     finally:
         s_taps.remove()
         t_taps.remove()

@@ -169,6 +169,15 @@ def test_kd_step_lowers_the_loss(model: LatentDiffusion, pruned: UNetModel, data
     assert float(after.detach()) < float(before.detach())
 
 
+def test_feature_term_is_relative_to_the_teacher_scale() -> None:
+    """Each level's feature MSE is divided by the teacher feature's mean square: scale-free, 1 for zeros."""
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)
+    torch.testing.assert_close(recovery.relative_mse(50 * s, 50 * t), recovery.relative_mse(s, t))
+    torch.testing.assert_close(recovery.relative_mse(torch.zeros_like(t), t), torch.tensor(1.0))
+    assert float(recovery.relative_mse(t, t)) == 0.0
+
+
 def test_lora_merge_equals_unmerged(pruned: UNetModel) -> None:
     unet = add_lora(copy.deepcopy(pruned), rank=4)
     with torch.no_grad():
