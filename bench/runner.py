@@ -34,7 +34,6 @@ from . import cost, report, schema, wandb_report
 from .calibration import Calibration, Recorder
 from .cli import agent_args
 from .modifiers.base import ApplyContext, modifiers_for, technique_setting
-from .recovery import before_recovery_fields
 from .results import ResultsFile, write_atomic
 from .sweep import SweepPlan
 from .techniques.base import BASELINE, Compressed, Setting
@@ -225,8 +224,6 @@ class Runner:
                 declared,
             )
             fields.setdefault("size_bytes", fields["size_dense_bytes"])
-            if before := fields.pop("before_recovery", None):
-                fields.update(before_recovery_fields(report.read_rows(results.path), before))
             results.append(fields)
         finally:
             self.sd.model.swap_unet(self.base_unet)

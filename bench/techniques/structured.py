@@ -8,7 +8,8 @@ recovery   none, kd, lora (`bench/recovery.py`), `recovery_steps` training steps
 
 Every compressed UNet is saved under `<run>/unets/<setting>.safetensors` (CompVis layout + architecture
 record), loadable with `main.py generate --unet FILE`. A recovered row names its un-recovered sibling in
-`before_recovery`; the runner copies that row's quality into the `*_before_recovery` columns.
+`before_recovery` and copies that row's quality (if this run has it already: the grid puts it first) into the
+`*_before_recovery` columns; the runner knows nothing of this.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from stable_diffusion.checkpoint import save_checkpoint
 from stable_diffusion.errors import InputError
 
 from ..cost import count_params, dense_size_bytes
-from ..recovery import KINDS, DenoisingData, RecoveryConfig, recover
+from ..recovery import KINDS, DenoisingData, RecoveryConfig, before_recovery_fields, recover
 from ..registry import TECHNIQUES, Axis, Column, positive_int, text
+from ..report import read_rows
 from ..structured import blocks
 from ..structured.channels import IMPORTANCES, parse_parts, prune_channels
 from .base import Calibration, Compressed, Setting, Technique, check_choice, grid
@@ -138,7 +140,8 @@ class Structured(Technique):
         base_params = count_params(unet)[0]
         unet, fields = self.compress(unet, p)
         kind = p.get("recovery", "none")
-        fields.update(structure=p["structure"], recovery=kind)
+        fields.update(structure=p["structure"], recovery=kind, recovery_steps=0, recovery_cpu_min=0.0)
+        fields["psnr_before_recovery"] = None  # a recovered row fills it from its sibling, when the run has one
         if kind != "none":
             unrecovered = Setting(self.name, {k: v for k, v in p.items() if not k.startswith("recovery")})
             work = self.run_dir / "recovery" / setting.slug if self.run_dir else None
@@ -147,6 +150,9 @@ class Structured(Technique):
                 rc.lr = 1e-3
             unet, stats = recover(unet, teacher, rc)
             fields.update(stats, before_recovery=unrecovered.id)
+            results = self.run_dir / "results.csv" if self.run_dir else None
+            if results is not None and results.is_file():
+                fields.update(before_recovery_fields(read_rows(results), unrecovered.id))
         params = count_params(unet)[0]
         fields.update(
             kernels="dense fp32 (smaller architecture)",
