@@ -131,6 +131,7 @@ class Runner:
         if setting.technique == BASELINE:
             return Compressed(self.base_unet, {"kernels": f"dense {self.plan.options.dtype}"})  # what really ran
         technique = self.plan.techniques[setting.technique]
+        technique.bind(self.sd.model, self.plan.run_dir)  # a technique that trains needs data and a folder
         calibration = self.calibrate() if technique.needs_calibration else None
         compressed = technique.apply(copy.deepcopy(self.base_unet), technique_setting(setting), calibration)
         ctx = ApplyContext(self.sd.device, self.base_unet, self.calibrate, self.plan.options)

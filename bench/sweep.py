@@ -145,10 +145,12 @@ class SweepPlan:
             for s in technique_settings(technique, o.axes):
                 if s.id not in {x.id for x in self.settings}:
                     self.settings.append(s)
-        self.skipped = self._refuse_unsupported(is_main)
-
         self.checkpoint = Path(o.checkpoint or embedded_checkpoint())
         self.pipeline = self.load_pipeline(o.dtype)
+        for technique in self.techniques.values():
+            technique.bind(self.pipeline.model)  # before `unsupported`, which may depend on the model's layout
+        self.skipped = self._refuse_unsupported(is_main)
+
         cfg = self.pipeline.cfg
         self.default_resolution = (cfg.resolution, cfg.resolution)
         o.height, o.width = o.resolution or self.default_resolution

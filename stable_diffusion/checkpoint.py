@@ -27,6 +27,8 @@ from torch import nn
 from .config import PRESETS, SDConfig
 from .errors import CheckpointError, InputError
 from .model import COMPONENT_PREFIXES, LatentDiffusion
+from .unet import UNetModel
+from .unet_arch import ARCH_KEY, encode_record, is_preset_shaped, unet_from_weights
 
 log = logging.getLogger(__name__)
 
@@ -317,16 +319,44 @@ def load_model(
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def read_arch(path: str | Path) -> dict | None:
+    """The architecture record (`unet_arch`) of a structurally compressed UNet file, if it has one."""
+    path = Path(path)
+    if not path.is_file() or _sniff(path) != "safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get(ARCH_KEY)
+    try:
+        return json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        raise _fail(path, f"its {ARCH_KEY} metadata is not valid JSON") from None
+
+
 def load_unet_into(model: LatentDiffusion, path: str | Path, *, unsafe: bool = False) -> LatentDiffusion:
-    """Replace the UNet weights of `model` from a (partial or full) checkpoint, e.g. a compressed UNet."""
+    """Replace the UNet weights of `model` from a (partial or full) checkpoint, e.g. a compressed UNet.
+
+    A file with an architecture record (pruned, block-removed, separable) replaces the UNet module itself,
+    built with the shapes of the file; strict either way.
+    """
     weights = v1_weights(read_state_dict(path, unsafe), path)
-    check_keys(model.cfg, weights, ["unet"], path)
+    record = read_arch(path)
+    if record is None:
+        check_keys(model.cfg, weights, ["unet"], path)
     prefix = COMPONENT_PREFIXES["unet"]
     p = next(model.unet.parameters())
     unet_sd = {
         k[len(prefix) :]: v.to(device=p.device, dtype=p.dtype) for k, v in weights.items() if k.startswith(prefix)
     }
-    model.unet.load_state_dict(unet_sd, strict=True)
+    if record is None:
+        model.unet.load_state_dict(unet_sd, strict=True)
+        return model
+    try:
+        unet = unet_from_weights(unet_sd, record)
+    except (RuntimeError, TypeError, KeyError, ValueError) as e:
+        raise _fail(Path(path), f"its weights do not fit its {ARCH_KEY} record ({str(e).splitlines()[0]})") from None
+    model.swap_unet(unet.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False))
     return model
 
 
@@ -352,7 +382,8 @@ def save_checkpoint(
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Save in the CompVis layout as safetensors. `component` names the prefix when saving one sub-module;
-    `metadata` adds string entries to the file header (e.g. how a distilled student was made)."""
+    `metadata` adds string entries to the file header (e.g. how a distilled student was made). A UNet whose
+    shapes no longer match its config gets its architecture record in the metadata."""
     from safetensors.torch import save_file
 
     prefix = COMPONENT_PREFIXES[component] if component else ""
@@ -360,7 +391,11 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={**(metadata or {}), "format": "pt", "sdbench_config": cfg.name})
+    metadata = {**(metadata or {}), "format": "pt", "sdbench_config": cfg.name}
+    unets = [m for m in module.modules() if isinstance(m, UNetModel)]
+    if unets and not is_preset_shaped(unets[0]):
+        metadata[ARCH_KEY] = encode_record(unets[0])
+    save_file(sd, str(tmp), metadata=metadata)
     _sort_safetensors_metadata(tmp)
     tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint behind
     return path

@@ -124,6 +124,16 @@ class Pool:
         return self.images[idx].float() / 127.5 - 1.0
 
 
+def noised(
+    alphas_cumprod: torch.Tensor, x0: torch.Tensor, gen: torch.Generator, num_train_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward diffusion of x0 at uniformly drawn timesteps: (x_t, t, noise), drawn in that order from `gen`."""
+    t = torch.randint(num_train_timesteps, (len(x0),), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
+
+
 def _lr(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / max(1, warmup))
 
@@ -324,10 +334,7 @@ class Trainer:
         drop = torch.rand(len(ids), generator=gen) < tc.cond_drop
         ids[drop] = pool.empty_ids
         context = self.model.text_encoder(ids)
-        t = torch.randint(cfg.num_train_timesteps, (len(ids),), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt, t, noise = noised(self.alphas_cumprod, x0, gen, cfg.num_train_timesteps)
         eps = self.model.unet(xt, t, context)
         return F.mse_loss(eps, noise)
 

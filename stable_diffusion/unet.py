@@ -53,12 +53,12 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        b, n, c = x.shape
-        q = self.to_q(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
-        k = self.to_k(context).view(b, -1, self.heads, c // self.heads).transpose(1, 2)
-        v = self.to_v(context).view(b, -1, self.heads, c // self.heads).transpose(1, 2)
+        b, n, _ = x.shape
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        inner = q.shape[-1]  # = dim, unless heads were pruned (structured compression)
+        q, k, v = (y.view(b, y.shape[1], self.heads, inner // self.heads).transpose(1, 2) for y in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, c))
+        return self.to_out(out.transpose(1, 2).reshape(b, n, inner))
 
 
 class GEGLU(nn.Module):
@@ -111,11 +111,12 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w))
+        # the token width is proj_in's output channels (fewer than x's after structured pruning)
+        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, tokens.shape[-1], h, w))
 
 
 class Downsample(nn.Module):

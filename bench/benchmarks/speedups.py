@@ -1,7 +1,7 @@
 """Benchmark: every PyTorch speed rung vs fp32 eager and vs the best dense rung, plus ONNX Runtime static INT8.
 
     python -m bench.benchmarks.speedups                    # v1-5 random weights, batch 2, 32x32 latents
-    python -m bench.benchmarks.speedups --configs tiny --skip-quality
+    python -m bench.benchmarks.speedups --configs tiny --skip-quality   # seconds: a smoke run
 
 Rungs: bf16 eager, fp16 eager, PT2E X86 static int8 (conv+linear) compiled, ONNX Runtime static INT8
 QDQ of the same UNet, fp32 compiled, bf16 compiled, torchao int8-dynamic (Linear) compiled. Each rung is
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,14 +30,14 @@ from bench.accel.compile import CompiledUNet
 from bench.accel.precision import cast_unet
 from bench.accel.pt2e import quantize_pt2e_x86
 from bench.accel.torchao_modes import quantize_linears
+from bench.benchmarks.onnx_speed import calib_calls
+from bench.benchmarks.quant_speed import sharing_copy
+from bench.benchmarks.speed import benchmark_parser
 from bench.calibration import Calibration
-from bench.cost import PeakRSS
-from bench.onnx_backend import OrtUNet, quantize
-from bench.onnx_export import export_unet
-from bench.onnx_speed import calib_calls
-from bench.quant_speed import sharing_copy
-from bench.speed import benchmark_parser, p90, time_calls
+from bench.cost import PeakRSS, percentiles, time_alternating
 from bench.techniques.base import Setting
+from bench.techniques.onnx.backend import OrtUNet, quantize
+from bench.techniques.onnx.export import export_unet
 from stable_diffusion.config import get_config
 from stable_diffusion.unet import UNetModel
 
@@ -95,13 +94,15 @@ def bench_config(config: str, latent: int, batch: int, warmup: int, repeats: int
                 module(*inputs)  # compiles where compiled
             made = time.perf_counter() - start
             with torch.inference_mode():
-                times = time_calls({"fp32": lambda: fp32(*inputs), name: lambda m=module: m(*inputs)}, warmup, repeats)
-            base, med = statistics.median(times["fp32"]), statistics.median(times[name])
+                times = time_alternating(
+                    {"fp32": lambda: fp32(*inputs), name: lambda m=module: m(*inputs)}, warmup, repeats
+                )
+            base, (med, p90) = percentiles(times["fp32"])[0], percentiles(times[name])
             ratios[name] = med / base
             ops = getattr(module, "kernel_ops", {})
             int8 = {k: v for k, v in ops.items() if k.startswith("onednn.q")}
             print(
-                f"  {name:30s} {med * 1e3:9.1f} ms (p90 {p90(times[name]) * 1e3:8.1f}) vs fp32 eager "
+                f"  {name:30s} {med * 1e3:9.1f} ms (p90 {p90 * 1e3:8.1f}) vs fp32 eager "
                 f"{base * 1e3:8.1f} ms: ratio {ratios[name]:.3f}  [built+first call {made:.0f} s{', ' if int8 else ''}"
                 f"{', '.join(f'{v} {k}' for k, v in int8.items())}]",
                 flush=True,
@@ -122,7 +123,7 @@ def quality(n_images: int, steps: int) -> None:
     """PSNR vs fp32 on the embedded trained model: bf16 and PT2E static int8 (real calibration trajectories)."""
     from bench.data import load_prompts
     from bench.metrics.fidelity import Fidelity
-    from bench.runner import Recorder
+    from bench.calibration import Recorder
     from bench.techniques.quant import Quantization
     from stable_diffusion.defaults import embedded_checkpoint
     from stable_diffusion.pipeline import StableDiffusion

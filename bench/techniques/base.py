@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -99,6 +100,13 @@ class Technique:
         """The sweep points for these axis values (defaults for axes not given): the full grid."""
         out = [Setting(self.name, p) for p in grid(self.axis_values(axes))]
         return list({s.id: s for s in out}.values())
+
+    def bind(self, model: nn.Module, run_dir: Path | None = None) -> None:
+        """The sweep's loaded model (VAE, text encoder, UNet) and, once known, its run folder.
+
+        The plan binds the model before it asks `unsupported`; the runner binds both before `apply`. Most
+        techniques need neither (no-op); one that trains or whose support depends on the model's layout keeps them.
+        """
 
     def unsupported(self, setting: Setting, device: torch.device | str) -> str | None:
         """Why `setting` cannot run on `device` (the plan skips it), or None."""
