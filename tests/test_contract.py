@@ -30,15 +30,17 @@ from bench.sweep import SweepOptions, SweepPlan, technique_settings
 from bench.techniques.base import BASELINE, Compressed, Setting, Technique
 
 FAST = {"num_images": 2, "steps": 2, "latency_repeats": 1, "wandb_mode": "disabled", "device": "cpu"}
-# training budgets kept short (the same code path, 2 optimizer steps instead of 300); nothing else is narrowed
-SHORT_AXES = {"recovery_steps": [2]}
+# training budgets kept short (the same code path, 2 optimizer steps instead of 300), and eager settings only:
+# an inductor compile takes minutes here (the compiled paths are tests/test_accel.py's SDBENCH_SLOW_TESTS ones)
+SHORT_AXES = {"recovery_steps": [2], "compile": ["eager"]}
 README = docs.README.read_text()
 
 
 def _setting(technique: Technique, axes: dict | None = None) -> Setting:
-    """The last default setting that runs on CPU (for the built-in ones: pruned 0.9, static W8A8, pruned INT8,
-    separable convs with KD recovery), with the sweep's `axes` where it gives them."""
-    return [s for s in technique_settings(technique, axes or {}) if technique.unsupported(s, "cpu") is None][-1]
+    """The last default setting that runs on CPU, eager (for the built-in ones: pruned 0.9, torchao int8 weight-only,
+    pruned INT8, separable convs with KD recovery, fp16 UNet), with the sweep's `axes` where it gives them."""
+    settings = [s for s in technique_settings(technique, axes or {}) if technique.unsupported(s, "cpu") is None]
+    return [s for s in settings if s.params.get("compile", "eager") == "eager"][-1]
 
 
 class _Capture(Runner):

@@ -38,6 +38,17 @@ def test_quant_real_kernel_modes_are_cpu_only():
     assert q.unsupported(static, "cuda") is None
 
 
+def test_real_kernel_modes_declare_their_devices():
+    """torchao int8 runs on CUDA too; PT2E x86 is CPU-only; float8 needs a CUDA GPU of capability >= 8.9."""
+    q = Quantization()
+    mode = {m: q.settings({"mode": [m]})[0] for m in ("torchao-int8-dynamic", "pt2e-static-int8", "torchao-float8")}
+    assert q.unsupported(mode["torchao-int8-dynamic"], "cuda") is None
+    assert q.unsupported(mode["torchao-int8-dynamic"], "cpu") is None
+    assert q.unsupported(mode["pt2e-static-int8"], "cpu") is None
+    assert "use --device cpu" in q.unsupported(mode["pt2e-static-int8"], "cuda")
+    assert "compute capability" in q.unsupported(mode["torchao-float8"], "cpu")
+
+
 @pytest.mark.skipif(provider_unavailable("cuda") is None, reason="this onnxruntime has the CUDA provider")
 def test_cuda_only_mode_is_skipped_at_plan_time_and_the_sweep_goes_on(tmp_path):
     args = ["--sweep", "prune,onnx", "--ratios", "0.5", "--onnx-mode", "fp32", "--onnx-provider", "cuda"]

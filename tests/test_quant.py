@@ -245,6 +245,8 @@ def test_default_settings_one_row_per_mode():
         ("static-w8a8-timestep", "minmax"),
         ("torchao-int8-dynamic", None),  # real-kernel modes: tests/test_accel.py
         ("torchao-int8-weight", None),
+        ("torchao-int4-weight", None),  # listed; the sweep plan skips what this machine cannot run
+        ("torchao-float8", None),
         ("pt2e-static-int8", None),
     ]
     assert rows[0].params == {"mode": "dynamic-int8", "granularity": "channel", "layers": "linear"}
@@ -257,7 +259,7 @@ def test_given_axes_expand_only_where_they_apply():
     ids = [s.id for s in rows]
     assert len(ids) == len(set(ids)) == 1 + 4
     assert rows[0].params == {"mode": "dynamic-int8", "granularity": "channel", "layers": "attn"}
-    assert [s.params["mode"] for s in Q.settings({"bits": [4]})] == ["weight-int4"]
+    assert [s.params["mode"] for s in Q.settings({"bits": [4]})] == ["weight-int4", "torchao-int4-weight"]
     assert len(Q.settings({"mode": ["weight-int4"], "group_size": [32, 64, 128]})) == 3
 
 

@@ -114,6 +114,7 @@ def compile_for_row(
     runner reads a row's fields after sampling)."""
     fields["compile"] = compile
     if compile == "eager":
+        fields["compile_s"] = None  # nothing compiled
         return module
     if compile not in AXIS:
         raise ValueError(f"unknown compile value {compile!r}")

@@ -121,9 +121,9 @@ def bench_config(config: str, latent: int, batch: int, warmup: int, repeats: int
 
 def quality(n_images: int, steps: int) -> None:
     """PSNR vs fp32 on the embedded trained model: bf16 and PT2E static int8 (real calibration trajectories)."""
+    from bench.calibration import Recorder
     from bench.data import load_prompts
     from bench.metrics.fidelity import Fidelity
-    from bench.calibration import Recorder
     from bench.techniques.quant import Quantization
     from stable_diffusion.defaults import embedded_checkpoint
     from stable_diffusion.pipeline import StableDiffusion

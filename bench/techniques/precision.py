@@ -57,7 +57,8 @@ class Precision(Technique):
         Axis("compile", ["eager", "compile"], text, "torch.compile (inductor) of the UNet", list(COMPILE_CHOICES)),
     )
     # `unet_dtype` is this setting's UNet dtype; the row's `dtype` stays the pipeline's (--dtype)
-    columns = (COMPILE, COMPILE_S)
+    columns = (Column("unet_dtype", "UNet dtype of a precision row (the rest of the pipeline: `dtype`)", plot=False),
+               COMPILE, COMPILE_S)  # fmt: skip
 
     def settings(self, axes: Mapping[str, list[Any]]) -> list[Setting]:
         out = []

@@ -138,7 +138,7 @@ class Quantization(Technique):
                label="max relative weight error", better="lower"),
         COMPILE,
         COMPILE_S,
-        Column("quant_peak_rss_mb", "peak resident memory while quantizing (PT2E export + calibration + convert)",
+        Column("quant_peak_rss_mb", "peak resident memory while quantizing (torchao; PT2E: export+calibrate+convert)",
                label="quantize peak RSS (MB)", better="lower"),
     )  # fmt: skip
 

@@ -98,8 +98,10 @@ def apply_real(unet: nn.Module, p: dict[str, Any], calibration: Calibration | No
         example = (calls[0].x, calls[0].t, calls[0].context)
     else:
         short = TORCHAO_MODES[mode]
-        names = torchao_modes.quantize_linears(unet, short, p.get("group_size", 128))
+        with PeakRSS() as mem:
+            names = torchao_modes.quantize_linears(unet, short, p.get("group_size", 128))
         fields.update(
+            quant_peak_rss_mb=mem.peak / 2**20,
             bits_weights=torchao_modes.WEIGHT_BITS[short], bits_activations=torchao_modes.ACT_BITS[short],
             layers="linear", quantized_layers=len(names), kernels=torchao_modes.KERNELS[short],
             size_bytes=tensor_bytes(unet),
