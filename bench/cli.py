@@ -15,6 +15,7 @@ from typing import Any
 
 from stable_diffusion.errors import InputError
 
+from . import protocols
 from .sweep import ALL_TECHNIQUES, SweepOptions
 from .techniques import technique_class
 from .techniques.base import parse_axis
@@ -30,8 +31,18 @@ PATH_FIELDS = {
     "lpips_weights",
 }
 RUN_FLAGS: list[tuple[str, type, str]] = [
-    ("--prompts", str, "coco (captions of the reference set, default), parti, or a .txt/.tsv/.json file"),
-    ("--num-images", int, "images per setting (same prompts and seeds in every setting)"),
+    (
+        "--protocol",
+        str,
+        "published evaluation preset: coco2017-5k, coco2014-30k-bk, mlperf-sdxl-5k (bench/protocols.py)",
+    ),
+    (
+        "--prompts",
+        str,
+        "shapes (default: in-distribution shapes-val captions), shapes-heldout (held-out "
+        "compositions), coco (captions of the reference set), parti, or a .txt/.tsv/.csv/.json file",
+    ),
+    ("--num-images", int, "images per setting (same prompts and seeds in every setting; default 64)"),
     ("--steps", int, "sampling steps"),
     ("--sampler", str, "ddim (default), pndm, ddpm or euler"),
     ("--guidance", float, "classifier-free guidance scale"),
@@ -43,6 +54,9 @@ RUN_FLAGS: list[tuple[str, type, str]] = [
     ("--fid-weights", Path, "Inception weights for FID (pt_inception-2015-12-05-6726825d.pth)"),
     ("--clip-weights", Path, "open_clip checkpoint for the CLIP score"),
     ("--clip-model", str, "open_clip model name (default ViT-L-14)"),
+    ("--fid-size", int, "resize generated and reference images to this square size before FID (BK-SDM: 256)"),
+    ("--accuracy-window", str, "FID_LO,FID_HI: rows with FID outside get in_accuracy_window=False (MLPerf-style)"),
+    ("--clip-window", str, "CLIP_LO,CLIP_HI: the same gate on the CLIP score"),
     ("--lpips-weights", Path, "AlexNet backbone weights for LPIPS"),
     ("--latency-repeats", int, "timed UNet calls per setting (after one warmup)"),
     ("--wandb-project", str, "W&B project (default sdbench)"),
@@ -97,6 +111,11 @@ def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | No
         run["resolution"] = resolution
     elif isinstance(run.get("resolution"), int):
         run["resolution"] = (run["resolution"], run["resolution"])
+    for key in ("accuracy_window", "clip_window"):
+        if run.get(key) is not None:
+            run[key] = protocols.parse_window(run[key], "--" + key.replace("_", "-"))
+    if run.get("protocol"):
+        run["protocol_overrides"] = protocols.fill(run["protocol"], run)
     sweep = args.sweep or run.get("techniques")
     if not sweep:
         raise InputError("say what to sweep: --sweep prune, quant or all")

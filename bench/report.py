@@ -125,7 +125,11 @@ def _metric_label(metric: str) -> tuple[str, float]:
 def metric_columns(rows: Sequence[Row]) -> list[str]:
     """Numeric metric columns with at least one finite value in `rows`, known metrics first."""
     columns = list(dict.fromkeys([*_LABELS, *COLUMN_NAMES, *(k for r in rows for k in r)]))
-    return [c for c in columns if c not in _NOT_METRICS and any(_finite(r, c) is not None for r in rows)]
+    return [
+        c
+        for c in columns
+        if c not in _NOT_METRICS and not _is_statistic(c) and any(_finite(r, c) is not None for r in rows)
+    ]
 
 
 def _new_figure(size: tuple[float, float] = (7.5, 4.8)) -> Figure:
@@ -134,9 +138,24 @@ def _new_figure(size: tuple[float, float] = (7.5, 4.8)) -> Figure:
     return fig
 
 
-def _fid_err(row: Row, y: float) -> tuple[float, float]:
-    low, high = _finite(row, "fid_ci_low"), _finite(row, "fid_ci_high")
-    return (y - low if low is not None else 0.0, high - y if high is not None else 0.0)
+def _is_statistic(column: str) -> bool:
+    """Interval bounds, p-values and the `differs` list describe a metric column; they get no plot of their own."""
+    return column.endswith(("_ci_low", "_ci_high", "_p")) or column == "differs"
+
+
+def _has_ci(rows: Sequence[Row], metric: str) -> bool:
+    return any(_finite(r, f"{metric}_ci_low") is not None for r in rows)
+
+
+def _err(row: Row, metric: str, y: float) -> tuple[float, float]:
+    """Error-bar lengths below/above y from the row's `<metric>_ci_low/high` (0 where missing)."""
+    low, high = _finite(row, f"{metric}_ci_low"), _finite(row, f"{metric}_ci_high")
+    return (max(y - low, 0.0) if low is not None else 0.0, max(high - y, 0.0) if high is not None else 0.0)
+
+
+def _ci_note(metric: str) -> str:
+    kind = "Wilson" if metric.startswith("prompt_acc") else "bootstrap"
+    return f"\n(bars: 95% {kind} CI)"
 
 
 def plot_metrics(rows: Sequence[Row], out_dir: Path | str) -> list[Path]:
@@ -165,9 +184,12 @@ def plot_metrics(rows: Sequence[Row], out_dir: Path | str) -> list[Path]:
             base = _value(baseline, metric)
             if base is not None and math.isfinite(base):
                 ax.axhline(base * scale, ls="--", color="0.35", lw=1, label="FP32 baseline")
+                low, high = _finite(baseline, f"{metric}_ci_low"), _finite(baseline, f"{metric}_ci_high")
+                if low is not None and high is not None:
+                    ax.axhspan(low * scale, high * scale, color="0.35", alpha=0.12, lw=0, label="FP32 95% CI")
             elif base is not None:  # psnr of the baseline vs itself: nothing to draw, say why
                 ax.plot([], [], ls="--", color="0.35", label=f"FP32 baseline: {base:g} (identical images)")
-            ax.set_ylabel(label + ("\n(bars: 95% bootstrap CI)" if metric == "fid" else ""))
+            ax.set_ylabel(label + (_ci_note(metric) if _has_ci(trows, metric) else ""))
             ax.grid(alpha=0.3)
             constants = _constants(trows, {"ratio"})
             ax.set_title(f"{technique}{f' ({constants})' if constants else ''}: {label}\n{_protocol(rows)}", fontsize=9)
@@ -188,8 +210,8 @@ def _draw_vs_ratio(ax: Any, rows: Sequence[Row], metric: str, scale: float) -> N
     for name, group in groups.items():
         group = sorted(group, key=lambda r: _ratio(r) or 0.0)
         ys = [_finite(r, metric) or 0.0 for r in group]
-        errs = [_fid_err(r, y) for r, y in zip(group, ys, strict=True)]
-        yerr = [[e[0] for e in errs], [e[1] for e in errs]] if metric == "fid" else None
+        errs = [_err(r, metric, y) for r, y in zip(group, ys, strict=True)]
+        yerr = [[e[0] * scale for e in errs], [e[1] * scale for e in errs]] if _has_ci(group, metric) else None
         ax.errorbar([_ratio(r) for r in group], [y * scale for y in ys], yerr=yerr, marker="o", ms=4, capsize=3,
                     lw=1.2, label=name or None)  # fmt: skip
 
@@ -206,7 +228,7 @@ def _draw_per_setting(ax: Any, rows: Sequence[Row], metric: str, scale: float) -
             continue
         simulated = row.get("kernels") == "simulated"
         any_simulated |= simulated
-        yerr = [[v] for v in _fid_err(row, y)] if metric == "fid" else None
+        yerr = [[v * scale] for v in _err(row, metric, y)] if _has_ci([row], metric) else None
         ax.errorbar([i], [y * scale], yerr=yerr, marker="o", ms=7, capsize=3, color="C0",
                     mfc="none" if simulated else "C0")  # fmt: skip
     ax.set_xticks(range(len(rows)), labels, fontsize=7)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import os
 import time
@@ -27,7 +28,8 @@ from tqdm.auto import tqdm
 
 from stable_diffusion.pipeline import StableDiffusion
 
-from . import cost, report
+from . import cost, protocols, report, stats
+from .metrics.base import PER_IMAGE, interval_fields
 from .results import ResultsFile
 from .sweep import SweepPlan
 from .techniques.base import Calibration, Compressed, Setting, UNetCall
@@ -67,6 +69,7 @@ class Runner:
         self.base_unet = self.sd.model.unet
         self.calibration: Calibration | None = None
         self.baseline: list[np.ndarray] | None = None
+        self.baseline_per_image: dict[str, list[float]] | None = None
 
     # -- sampling ---------------------------------------------------------------------------------
     def sample(self, prompts: list[str], seeds: list[int], desc: str) -> Sampled:
@@ -146,15 +149,50 @@ class Runner:
         """(parameters, dense safetensors bytes) of the uncompressed UNet."""
         return cost.count_params(self.base_unet)[0], cost.dense_size_bytes(self.base_unet.state_dict())
 
-    def quality(self, images: list[np.ndarray]) -> dict[str, object]:
+    def quality(self, images: list[np.ndarray], is_baseline: bool = False) -> tuple[dict[str, object], dict]:
+        """(row values incl. intervals and paired tests vs the baseline, per-image values by column)."""
         pixels, base = (
             torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).contiguous() / 255 for a in (images, self.baseline)
         )
         values: dict[str, object] = {}
+        per_image: dict[str, list[float]] = {}
         for metric in self.plan.metrics:
             if metric.unavailable() is None:
-                values.update(metric.compute(pixels, self.plan.prompts, base))
-        return values
+                out = metric.compute(pixels, self.plan.prompts, base)
+                mine = {k: [float(x) for x in v] for k, v in out.pop(PER_IMAGE, {}).items()}
+                per_image.update(mine)
+                values.update(out)
+                values.update(interval_fields(metric.intervals, mine, None if is_baseline else self.baseline_per_image))
+        differs = sorted(
+            k[: -len("_p")] for k, v in values.items() if k.endswith("_p") and v is not None and v < stats.ALPHA
+        )
+        if not is_baseline:
+            values["differs"] = ",".join(differs)
+        o = self.plan.options
+        values["in_accuracy_window"] = protocols.in_window(values, o.accuracy_window, o.clip_window)
+        return values, per_image
+
+    def _per_image_path(self, setting: Setting) -> Path:
+        return self.plan.run_dir / "per_image" / f"{setting.slug}.json"
+
+    def save_per_image(self, setting: Setting, per_image: dict[str, list[float]]) -> None:
+        """Per-image metric values of a finished setting (JSON; NaN = not applicable): the baseline's pair them."""
+        path = self._per_image_path(setting)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"setting_id": setting.id, "n": len(self.plan.prompts), "values": per_image}))
+        os.replace(tmp, path)
+
+    def load_baseline_per_image(self, setting: Setting) -> dict[str, list[float]]:
+        """The baseline's per-image values on resume; recomputed from its saved images when the file is missing."""
+        path = self._per_image_path(setting)
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("n") == len(self.plan.prompts):
+                return data["values"]
+        _, per_image = self.quality(self.baseline or [], is_baseline=True)
+        self.save_per_image(setting, per_image)
+        return per_image
 
     def run_setting(self, setting: Setting, results: ResultsFile) -> None:
         compressed = self.compress(setting)
@@ -162,7 +200,8 @@ class Runner:
         try:
             with cost.PeakRSS() as mem:
                 sampled = self.sample(self.plan.prompts, self.plan.seeds, desc=setting.id)
-            if setting.technique == "baseline":
+            is_baseline = setting.technique == "baseline"
+            if is_baseline:
                 self.baseline = sampled.images
             if not self.main:
                 return
@@ -182,9 +221,13 @@ class Runner:
                 **setting.params,
                 **self.measure_cost(compressed.module),
                 **compressed.fields,
-                **self.quality(sampled.images),
             }
+            quality, per_image = self.quality(sampled.images, is_baseline)
+            fields.update(quality)
             fields.setdefault("size_bytes", fields["size_dense_bytes"])
+            self.save_per_image(setting, per_image)
+            if is_baseline:
+                self.baseline_per_image = per_image
             results.append(fields)
         finally:
             self.sd.model.swap_unet(self.base_unet)
@@ -217,6 +260,8 @@ class Runner:
             if setting.id in done:
                 if setting.technique == "baseline":
                     self.baseline = self.load_images(setting)
+                    if self.main:
+                        self.baseline_per_image = self.load_baseline_per_image(setting)
                 continue
             self.run_setting(setting, results)
             self.state.wait_for_everyone()

@@ -13,6 +13,18 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from .metrics.base import interval_columns
+
+_HEADS = ("shape", "colour", "size", "count", "position", "background")
+
+
+def _ci(column: str, what: str, paired: bool) -> list[tuple[str, str]]:
+    """The interval (and paired-test) columns of one per-image metric column, with their meanings."""
+    meanings = [f"95% {what} interval, low", f"95% {what} interval, high"]
+    meanings += ["paired test vs the FP32 baseline's images (same seeds): two-sided p; < 0.05 lands in `differs`"]
+    return list(zip(interval_columns(column, paired), meanings, strict=False))
+
+
 # (column, meaning) in CSV order.
 COLUMNS: list[tuple[str, str]] = [
     ("run_id", "results/<run_id>/ this row belongs to"),
@@ -31,6 +43,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("guidance", "classifier-free guidance scale"),
     ("seed", "seed of image 0; image i uses seed + i"),
     ("prompts", "prompt set and its sha256 prefix"),
+    ("protocol", "--protocol preset (bench/protocols.py), +overrides(...) when options departed from it"),
     # technique fields
     ("ratio", "pruning ratio asked for"),
     ("sparsity", "measured fraction of zeros among the targeted weights"),
@@ -42,7 +55,9 @@ COLUMNS: list[tuple[str, str]] = [
     ("weight_error_max_rel", "max over layers of max|w - deq(q(w))| / max|w|"),
     # fidelity to the uncompressed model (same prompts and seeds): the primary quality signal
     ("psnr", "dB vs the FP32 baseline images (mean over images)"),
+    *_ci("psnr", "bootstrap (images)", False),
     ("ssim", "SSIM vs the FP32 baseline images"),
+    *_ci("ssim", "bootstrap (images)", False),
     ("lpips", "LPIPS vs the FP32 baseline images (empty without backbone weights)"),
     ("mse", "pixel MSE vs baseline, [0,1] range"),
     # distribution / text alignment
@@ -52,13 +67,19 @@ COLUMNS: list[tuple[str, str]] = [
     ("fid_n", "generated images in the FID"),
     ("fid_features", "feature extractor and weights sha256 prefix"),
     ("clip_score", "100 * cos(image, text), torchmetrics semantics (empty without CLIP weights)"),
+    *_ci("clip_score", "bootstrap (images)", True),
     ("clip_score_std", "std over images"),
     ("clip_model", "open_clip model and weights sha256 prefix"),
     # in-domain stand-ins from the built-in shapes dataset (issue #6): need no download
     ("prompt_accuracy", "images whose shapes-classifier attributes all match the prompt (chance 1/1800)"),
+    *_ci("prompt_accuracy", "Wilson", True),
     *[
-        (f"prompt_acc_{h}", f"prompt accuracy of the {h} attribute alone")
-        for h in ("shape", "colour", "size", "count", "position", "background")
+        c
+        for h in _HEADS
+        for c in [
+            (f"prompt_acc_{h}", f"prompt accuracy of the {h} attribute alone"),
+            *_ci(f"prompt_acc_{h}", "Wilson", True),
+        ]
     ],
     ("prompt_acc_n", "prompts parsed as shapes captions"),
     ("shapes_fid", "FID on shapes-classifier features vs held-out generator images (not comparable with FID)"),
@@ -66,6 +87,8 @@ COLUMNS: list[tuple[str, str]] = [
     ("shapes_fid_ci_high", "bootstrap 95% CI, high"),
     ("shapes_fid_n", "generated images in the shapes-FID"),
     ("shapes_fid_features", "shapes-classifier weights sha256 prefix"),
+    ("differs", "metrics whose paired test vs FP32 gives p < 0.05 (comma list; empty: none detected)"),
+    ("in_accuracy_window", "True/False: FID and CLIP score inside --accuracy-window / --clip-window (empty: no gate)"),
     # cost
     ("latency_step_p50_ms", "one UNet call (batch 2 = one image with guidance), median after warmup"),
     ("latency_step_p90_ms", "90th percentile of the same"),

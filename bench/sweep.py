@@ -25,8 +25,8 @@ from stable_diffusion.defaults import REPO_ROOT, embedded_checkpoint
 from stable_diffusion.errors import InputError
 from stable_diffusion.pipeline import StableDiffusion
 
-from . import report
-from .data import COCO_DIR, PromptSet, ReferenceSet, file_sha256, load_prompts, load_reference
+from . import protocols, report
+from .data import COCO_DIR, PromptSet, ReferenceSet, file_sha256, load_prompts, load_reference, shapes_set
 from .metrics.base import Metric
 from .techniques import technique_class
 from .techniques.base import Setting, Technique, parse_axis, parse_setting_id
@@ -57,8 +57,8 @@ class SweepOptions:
     unsafe_load: bool = False
     dtype: str = "fp32"
     device: str | None = None
-    prompts: str = "shapes"
-    num_images: int = 16
+    prompts: str = "shapes"  # = shapes-val: in-distribution validation captions (bench.data.SHAPES_SETS)
+    num_images: int = 64
     steps: int = 20
     sampler: str = "ddim"
     guidance: float = 7.5
@@ -73,6 +73,13 @@ class SweepOptions:
     fid_weights: Path | None = None
     clip_weights: Path | None = None
     clip_model: str = "ViT-L-14"
+    clip_tag: str = "openai"  # open_clip pretrained tag (what --allow-download fetches)
+    clip_quick_gelu: bool = True  # OpenAI CLIP weights; False for LAION ones
+    fid_size: int | None = None  # resize generated and reference images to this square size for FID
+    protocol: str | None = None  # a bench.protocols preset (it filled the options above)
+    protocol_overrides: list[str] = field(default_factory=list)  # options the user set against the preset
+    accuracy_window: tuple[float, float] | None = None  # FID window: rows outside get in_accuracy_window=False
+    clip_window: tuple[float, float] | None = None  # CLIP-score window, the same
     lpips_weights: Path | None = None
     allow_download: bool = False
     latency_repeats: int = 5
@@ -126,12 +133,25 @@ def build_metrics(o: SweepOptions, reference: ReferenceSet, size: tuple[int, int
     from .metrics.shapes import PromptAccuracy, shapes_fid
 
     cache = REPO_ROOT / "data" / "cache" / "fid"
+    _, split, seed = shapes_set(o.prompts) or shapes_set("shapes-heldout")  # shapes-FID vs the prompts' own scenes
     return [
         Fidelity(lpips_weights=o.lpips_weights, allow_download=o.allow_download),
-        FID(weights_path=o.fid_weights, reference=reference, cache_dir=cache, allow_download=o.allow_download),
-        CLIPScore(model_name=o.clip_model, weights_path=o.clip_weights, allow_download=o.allow_download),
+        FID(
+            weights_path=o.fid_weights,
+            reference=reference,
+            cache_dir=cache,
+            allow_download=o.allow_download,
+            resize=o.fid_size,
+        ),
+        CLIPScore(
+            model_name=o.clip_model,
+            weights_path=o.clip_weights,
+            allow_download=o.allow_download,
+            download_tag=o.clip_tag,
+            quick_gelu=o.clip_quick_gelu,
+        ),
         PromptAccuracy(),
-        shapes_fid(n_reference=256, cache_dir=cache),
+        shapes_fid(n_reference=256, split=split, seed=seed, cache_dir=cache),
     ]
 
 
@@ -154,12 +174,16 @@ class SweepPlan:
             given = {k: v for k, v in o.axes.items() if k in technique.axes}
             self.settings += [s for s in technique.settings(given) if s.id not in {x.id for x in self.settings}]
 
+        if o.protocol:  # a preset's missing input fails here, before the model loads
+            protocols.check_inputs(o.protocol, o.reference, o.fid_weights, o.clip_weights, o.allow_download)
         self.checkpoint = o.checkpoint or embedded_checkpoint()
         self.pipeline = self._load_model(device or o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cfg = self.pipeline.cfg
         o.height, o.width = o.resolution or (cfg.resolution, cfg.resolution)
 
-        self.reference = load_reference(o.reference or COCO_DIR / "images", o.reference_captions)
+        self.reference = load_reference(
+            o.reference or COCO_DIR / "images", o.reference_captions, require_captions=not o.protocol
+        )
         prompt_set: PromptSet = load_prompts(o.prompts, self.reference)
         if len(prompt_set.prompts) < o.num_images:
             raise InputError(
@@ -169,12 +193,13 @@ class SweepPlan:
         self.prompts = prompt_set.prompts[: o.num_images]
         self.seeds = [o.seed + i for i in range(o.num_images)]
         n_calib = max([int(s.params.get("calib_prompts", 0)) for s in self.settings] + [0])
-        calib_source = "shapes" if o.prompts == "shapes" else "coco"
+        calib_source = "shapes" if shapes_set(o.prompts) else "coco"
         self.calibration_prompts = load_prompts(calib_source, self.reference, caption_index=1).prompts[:n_calib]
         self.metrics = build_metrics(o, self.reference, (o.height, o.width))
 
         self.model_sha256 = file_sha256(self.checkpoint)
-        self.run_id = o.run_id or f"{'+'.join(o.techniques)}-{cfg.name}-{o.digest(self.model_sha256)}"
+        self.data_id = f"{self.model_sha256}:{prompt_set.sha256}"  # the prompts' content, not only their name
+        self.run_id = o.run_id or f"{'+'.join(o.techniques)}-{cfg.name}-{o.digest(self.data_id)}"
         self.run_dir = o.out / self.run_id
         try:
             (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -220,19 +245,23 @@ class SweepPlan:
             "guidance": o.guidance,
             "seed": o.seed,
             "prompts": self.prompt_set.describe(),
+            "protocol": protocols.label(o.protocol, o.protocol_overrides),
         }
 
     def manifest(self) -> dict[str, Any]:
         o = self.options
         return {
             "run_id": self.run_id,
-            "protocol_digest": o.digest(self.model_sha256, with_settings=False),
+            "protocol_digest": o.digest(self.data_id, with_settings=False),
             "command": sys.argv,
             "git_sha": _git_sha(),
             "versions": _versions(),
             "host": {"platform": platform.platform(), "threads": torch.get_num_threads()},
             "model": {"preset": self.pipeline.cfg.name, "file": str(self.checkpoint), "sha256": self.model_sha256},
             "protocol": self.row_protocol(),
+            "protocol_preset": {**protocols.get(o.protocol).describe(), "overrides": o.protocol_overrides}
+            if o.protocol
+            else None,
             "prompts": {"set": self.prompt_set.name, "sha256": self.prompt_set.sha256, "count": len(self.prompts)},
             "reference": {"images": len(self.reference.images), "sha256": self.reference.sha256},
             "calibration_prompts": len(self.calibration_prompts),
@@ -282,4 +311,6 @@ class SweepPlan:
         args += ["--resolution", f"{o.width}x{o.height}", "--run-id", self.run_id]
         if o.checkpoint:
             args += ["--checkpoint", str(o.checkpoint)]
+        if o.protocol:
+            args += ["--protocol", o.protocol]
         return args

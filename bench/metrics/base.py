@@ -4,18 +4,30 @@ A metric sees the images of one setting (same prompts and seeds in every setting
 images the uncompressed model made for them; it returns named values for the CSV row. Metrics whose
 weights are missing offline report `unavailable()` (one line: how to enable them) and leave their
 columns empty. `protocol()` is stored in the manifest and the row so every number carries how it was made.
+
+Per-image values: `compute()` may also return `{PER_IMAGE: {column: [N] values}}` (NaN = not applicable to that
+image) for the columns in `intervals`; `interval_fields` turns them into a 95 % interval per column and, where
+the column is paired, a p-value against the baseline's per-image values (same prompts and seeds). Columns:
+`<col>_ci_low`, `<col>_ci_high`, `<col>_p` (see `interval_columns`).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+
+from .. import stats
+
+PER_IMAGE = "per_image"
 
 
 class Metric:
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]  # the CSV columns this metric fills
+    # column -> (kind, paired): "proportion" (0/1 per image: Wilson) or "mean" (bootstrap); paired: test vs baseline
+    intervals: ClassVar[dict[str, tuple[str, bool]]] = {}
 
     def unavailable(self) -> str | None:
         """None when the metric can run; otherwise one line saying how to enable it."""
@@ -32,3 +44,32 @@ class Metric:
     def compute(self, images: torch.Tensor, prompts: list[str], baseline: torch.Tensor | None) -> dict[str, float]:
         """images, baseline: [N, 3, H, W] float in [0, 1]; baseline is the FP32 model's images (same seeds)."""
         raise NotImplementedError
+
+
+def interval_columns(column: str, paired: bool) -> list[str]:
+    """CSV columns holding the interval (and p-value when paired) of a per-image column."""
+    return [f"{column}_ci_low", f"{column}_ci_high", *([f"{column}_p"] if paired else [])]
+
+
+def interval_fields(
+    intervals: dict[str, tuple[str, bool]],
+    per_image: dict[str, Any],
+    baseline: dict[str, Any] | None,
+) -> dict[str, float | None]:
+    """Interval and paired-test columns from per-image values; images NaN in either row are left out of both."""
+    out: dict[str, float | None] = {}
+    for column, (kind, paired) in intervals.items():
+        if column not in per_image:
+            continue
+        x = np.asarray(per_image[column], dtype=np.float64)
+        y = np.asarray(baseline[column], dtype=np.float64) if paired and baseline and column in baseline else None
+        keep = ~np.isnan(x) if y is None or len(y) != len(x) else ~(np.isnan(x) | np.isnan(y))
+        if not keep.any():
+            continue
+        y = y[keep] if y is not None and len(y) == len(x) else None
+        summary = stats.summarize(x[keep], y, kind)
+        names = interval_columns(column, paired)
+        out.update({names[0]: summary["ci_low"], names[1]: summary["ci_high"]})
+        if paired:
+            out[names[2]] = summary["p"]
+    return out

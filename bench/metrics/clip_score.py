@@ -11,13 +11,13 @@ per-image scores.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
 from ..data import file_sha256
-from .base import Metric
+from .base import PER_IMAGE, Metric
 
 
 class CLIPScore(Metric):
@@ -33,6 +33,9 @@ class CLIPScore(Metric):
 
     name = "clip_score"
     columns = ("clip_score", "clip_score_std", "clip_model")
+    intervals: ClassVar[dict[str, tuple[str, bool]]] = {
+        "clip_score": ("mean", True)
+    }  # bootstrap of the per-image mean; paired test vs FP32
 
     def __init__(
         self,
@@ -128,4 +131,5 @@ class CLIPScore(Metric):
             "clip_score": max(float(scores.mean()), 0.0),
             "clip_score_std": float(scores.std()) if len(scores) > 1 else None,
             "clip_model": self.model_id(),
+            PER_IMAGE: {"clip_score": scores},
         }

@@ -16,20 +16,20 @@ default) and prompts written in its caption language; they are NOT comparable wi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from stable_diffusion.shapes import VOCAB, ShapesDataset, parse_caption
 
 from ..data import file_sha256
-from .base import Metric
+from .base import PER_IMAGE, Metric
 from .fid import FID
 
 HEADS = tuple(VOCAB)
 CHANCE_ALL = 1.0 / float(torch.tensor([len(v) for v in VOCAB.values()]).prod())
 CHANCE_PER_HEAD = {h: 1.0 / len(v) for h, v in VOCAB.items()}
-REFERENCE_SEED = 0  # held-out reference images: ShapesDataset("heldout", seed=0), as the default sweep prompts
+REFERENCE_SEED = 0  # default reference: ShapesDataset("heldout", seed=0); sweeps pass their prompt set's split/seed
 
 
 def _weights_path() -> Path:
@@ -47,6 +47,9 @@ class PromptAccuracy(Metric):
 
     name = "prompt_accuracy"
     columns = ("prompt_accuracy", *(f"prompt_acc_{h}" for h in HEADS), "prompt_acc_n")
+    intervals: ClassVar[dict[str, tuple[str, bool]]] = {
+        c: ("proportion", True) for c in columns[:-1]
+    }  # Wilson; paired sign-flip test vs FP32
 
     def __init__(self, weights_path: str | Path | None = None, device: str | torch.device | None = None) -> None:
         self.weights_path = Path(weights_path) if weights_path else _weights_path()
@@ -99,6 +102,12 @@ class PromptAccuracy(Metric):
         out: dict[str, Any] = {"prompt_accuracy": sum(allok) / len(allok)}
         out.update({f"prompt_acc_{h}": sum(v) / len(v) for h, v in hits.items()})
         out["prompt_acc_n"] = len(idx)
+        per_image = {}
+        for column, values in [("prompt_accuracy", allok), *((f"prompt_acc_{h}", v) for h, v in hits.items())]:
+            full = torch.full((len(images),), float("nan"), dtype=torch.float64)  # NaN: prompt not a shapes caption
+            full[idx] = torch.tensor(values, dtype=torch.float64)
+            per_image[column] = full
+        out[PER_IMAGE] = per_image
         return out
 
 
@@ -136,11 +145,14 @@ class ShapesFID(FID):
         return {"shapes_" + k: v for k, v in out.items()}
 
 
-def heldout_reference(n: int = 256, seed: int = REFERENCE_SEED, size: int = 64) -> list:
-    """n real held-out-split generator images (PIL), the default shapes-FID reference."""
-    return ShapesDataset("heldout", seed, size).images(0, n)
+def shapes_reference(n: int = 256, split: str = "heldout", seed: int = REFERENCE_SEED, size: int = 64) -> list:
+    """n real generator images (PIL) of a split and seed: the shapes-FID reference of the prompt set drawn there."""
+    return ShapesDataset(split, seed, size).images(0, n)
 
 
-def shapes_fid(reference: Any | None = None, n_reference: int = 256, **kwargs: Any) -> ShapesFID:
-    """A `ShapesFID` against `reference` (default: `n_reference` held-out generator images, seed 0)."""
-    return ShapesFID(reference if reference is not None else heldout_reference(n_reference), **kwargs)
+def shapes_fid(
+    reference: Any | None = None, n_reference: int = 256, split: str = "heldout", seed: int = REFERENCE_SEED,
+    **kwargs: Any,
+) -> ShapesFID:  # fmt: skip
+    """A `ShapesFID` against `reference` (default: `n_reference` generator images of `split`/`seed`)."""
+    return ShapesFID(reference if reference is not None else shapes_reference(n_reference, split, seed), **kwargs)
