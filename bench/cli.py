@@ -40,7 +40,7 @@ RUN_FLAGS: list[tuple[str, type, str]] = [
         "--prompts",
         str,
         "shapes (default: in-distribution shapes-val captions), shapes-heldout (held-out "
-        "compositions), coco (captions of the reference set), parti, or a .txt/.tsv/.csv/.json file",
+        "compositions), coco (captions of the reference set), parti, coco2017-val-5k, or a .txt/.tsv/.csv/.json file",
     ),
     ("--num-images", int, "images per setting (same prompts and seeds in every setting; default 64)"),
     ("--steps", int, "sampling steps"),

@@ -20,6 +20,8 @@ from stable_diffusion.errors import InputError
 
 COCO_DIR = DATA_DIR / "coco"
 PARTI = DATA_DIR / "prompts" / "PartiPrompts.tsv"
+COCO2017_5K = DATA_DIR / "prompts" / "coco2017-val-5k.tsv"  # one caption per val2017 image (bench.protocols)
+PROMPT_FILES = {"parti": PARTI, "coco2017-val-5k": COCO2017_5K}  # shipped prompt files by name
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
@@ -139,10 +141,11 @@ def load_prompts(spec: str, reference: ReferenceSet | None = None, caption_index
         name, split, seed = found if caption_index == 0 else ("shapes-calib", *SHAPES_SETS["shapes-calib"])
         prompts = captions(split, SHAPES_SET_SIZE, seed=seed)
         return PromptSet(name, prompts, _text_sha256(prompts))
-    path = PARTI if spec == "parti" else Path(spec)
+    path = PROMPT_FILES.get(spec, Path(spec))
     if not path.is_file():
         raise InputError(
-            f"prompt file {path} does not exist; use shapes, shapes-heldout, coco, parti or a .txt/.tsv/.json file"
+            f"prompt file {path} does not exist; use shapes, shapes-heldout, coco, "
+            f"{', '.join(PROMPT_FILES)} or a .txt/.tsv/.csv/.json file"
         )
     try:
         prompts = _read_prompt_file(path)
@@ -150,4 +153,4 @@ def load_prompts(spec: str, reference: ReferenceSet | None = None, caption_index
         raise InputError(f"cannot read prompts from {path}: {e}") from None
     if not prompts:
         raise InputError(f"prompt file {path} holds no prompts")
-    return PromptSet(path.stem if spec != "parti" else "parti", prompts, file_sha256(path))
+    return PromptSet(spec if spec in PROMPT_FILES else path.stem, prompts, file_sha256(path))

@@ -25,8 +25,10 @@ from typing import Any
 from stable_diffusion.defaults import DATA_DIR
 from stable_diffusion.errors import InputError
 
+from .data import COCO2017_5K
+
 COCO2017_ANNOTATIONS = DATA_DIR / "coco" / "captions_val2017.json.gz"
-COCO2017_CAPTIONS = DATA_DIR / "prompts" / "coco2017-val-5k.tsv"
+COCO2017_CAPTIONS = COCO2017_5K
 INCEPTION = "pt_inception-2015-12-05-6726825d.pth"
 
 
@@ -34,7 +36,7 @@ INCEPTION = "pt_inception-2015-12-05-6726825d.pth"
 class Protocol:
     name: str
     source: str  # who defines it, where
-    prompts: str | None  # shipped caption file (repo-relative), or None: the user passes the file below
+    prompts: str | None  # a shipped prompt set (`--prompts` name), or None: the user passes the file below
     user_caption_file: str | None  # the exact file a user must pass with --prompts when prompts is None
     num_images: int
     resolution: int
@@ -68,7 +70,7 @@ PROTOCOLS: dict[str, Protocol] = {
         Protocol(
             name="coco2017-5k",
             source="MS-COCO val2017 (5,000 images), one caption each; the usual SD FID/CLIP protocol at 5K",
-            prompts=str(COCO2017_CAPTIONS.relative_to(DATA_DIR.parent)),
+            prompts="coco2017-val-5k",  # bench.data.PROMPT_FILES
             user_caption_file=None,
             num_images=5000,
             resolution=512,
