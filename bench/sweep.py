@@ -194,7 +194,9 @@ class SweepPlan:
         self.seeds = [o.seed + i for i in range(o.num_images)]
         n_calib = max([int(s.params.get("calib_prompts", 0)) for s in self.settings] + [0])
         calib_source = "shapes" if shapes_set(o.prompts) else "coco"
-        self.calibration_prompts = load_prompts(calib_source, self.reference, caption_index=1).prompts[:n_calib]
+        # a preset's reference folder has no captions: calibrate on the shipped COCO subset's second captions
+        calib_reference = self.reference if all(self.reference.captions) else None
+        self.calibration_prompts = load_prompts(calib_source, calib_reference, caption_index=1).prompts[:n_calib]
         self.metrics = build_metrics(o, self.reference, (o.height, o.width))
 
         self.model_sha256 = file_sha256(self.checkpoint)

@@ -132,7 +132,7 @@ def test_coco2017_sweep_on_stand_ins(tmp_path: Path, clip_file: Path) -> None:
         "--sweep", "prune", "--ratios", "0.5", "--protocol", "coco2017-5k", "--reference", str(reference),
         "--fid-weights", str(inception), "--clip-weights", str(clip_file), "--clip-model", "sdbench-tiny-clip",
         "--num-images", "3", "--resolution", "64", "--steps", "2", "--out", str(tmp_path / "out"),
-        "--wandb-mode", "disabled", "--latency-repeats", "1", "--accuracy-window", "0,1e9", "--clip-window", "-100,100",
+        "--wandb-mode", "disabled", "--latency-repeats", "1", "--accuracy-window", "0,1e9", "--clip-window=-100,100",
     )  # fmt: skip
     assert sorted(o.protocol_overrides) == ["clip_model", "num_images", "resolution", "steps"]
     plan = SweepPlan(o)
