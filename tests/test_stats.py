@@ -89,3 +89,17 @@ def test_summarize_kinds() -> None:
     assert summarize([1.0, 2.0, 3.0], None, "mean")["p"] is None
     with pytest.raises(ValueError):
         summarize([0.5, 1.0], None, "proportion")
+
+
+def test_interval_fields_pair_only_images_applicable_in_both_rows() -> None:
+    from bench.metrics.base import interval_fields
+
+    nan = float("nan")
+    intervals = {"acc": ("proportion", True), "psnr": ("mean", False)}
+    row = {"acc": [1, 0, nan, 1, 1], "psnr": [20.0, 21.0, 22.0, 23.0, 24.0]}
+    base = {"acc": [1, 1, nan, 1, nan]}
+    out = interval_fields(intervals, row, base)
+    ref = sps.binomtest(3, 4).proportion_ci(method="wilson")  # NaN in this row only drops image 2 from the CI
+    assert (out["acc_ci_low"], out["acc_ci_high"]) == pytest.approx((ref.low, ref.high))
+    assert out["acc_p"] == paired_permutation_p([1, 0, 1], [1, 1, 1])  # images 0, 1, 3 are in both rows
+    assert "psnr_p" not in out and out["psnr_ci_low"] < 22.0 < out["psnr_ci_high"]

@@ -56,20 +56,25 @@ def interval_fields(
     per_image: dict[str, Any],
     baseline: dict[str, Any] | None,
 ) -> dict[str, float | None]:
-    """Interval and paired-test columns from per-image values; images NaN in either row are left out of both."""
+    """Interval and paired-test columns from per-image values.
+
+    The interval covers this row's applicable (non-NaN) images, as its scalar does; the paired test uses the
+    images applicable in both rows.
+    """
     out: dict[str, float | None] = {}
     for column, (kind, paired) in intervals.items():
         if column not in per_image:
             continue
         x = np.asarray(per_image[column], dtype=np.float64)
-        y = np.asarray(baseline[column], dtype=np.float64) if paired and baseline and column in baseline else None
-        keep = ~np.isnan(x) if y is None or len(y) != len(x) else ~(np.isnan(x) | np.isnan(y))
-        if not keep.any():
+        if np.isnan(x).all():
             continue
-        y = y[keep] if y is not None and len(y) == len(x) else None
-        summary = stats.summarize(x[keep], y, kind)
         names = interval_columns(column, paired)
-        out.update({names[0]: summary["ci_low"], names[1]: summary["ci_high"]})
-        if paired:
-            out[names[2]] = summary["p"]
+        ci = stats.summarize(x[~np.isnan(x)], None, kind)
+        out.update({names[0]: ci["ci_low"], names[1]: ci["ci_high"]})
+        if not paired:
+            continue
+        y = np.asarray(baseline[column], dtype=np.float64) if baseline and column in baseline else None
+        both = ~(np.isnan(x) | np.isnan(y)) if y is not None and len(y) == len(x) else None
+        ok = both is not None and both.any()
+        out[names[2]] = stats.paired_permutation_p(x[both], y[both]) if ok else None
     return out
