@@ -9,20 +9,24 @@ User errors (bad files, options, values) print one clear message and exit with s
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import time
 from pathlib import Path
 
-import torch
+try:  # Ctrl-C while torch imports (seconds): one line, not a traceback
+    import torch
 
-from bench.cli import add_sweep_args
-from stable_diffusion.config import PRESETS, get_config
-from stable_diffusion.errors import InputError, SDBenchError
+    from bench.cli import add_sweep_args, parse_resolution
+    from stable_diffusion.config import PRESETS
+    from stable_diffusion.errors import InputError, SDBenchError, first_line
+    from stable_diffusion.pipeline import DTYPES, check_device, load_pipeline
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    sys.exit(130)
 
 log = logging.getLogger("sdbench")
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -37,23 +41,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def parse_resolution(text: str) -> tuple[int, int]:
-    """'512' or '768x512' (width x height) -> (height, width)."""
-    try:
-        w, _, h = text.lower().partition("x")
-        return int(h or w), int(w)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"resolution must be N or WxH, got {text!r}") from None
+# Output-disk failures that are the user's to fix (full, read-only, no permission): one line, exit 2.
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the project's rule for every user error), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="main.py", description="Stable Diffusion v1 compression benchmark")
+    parser = OneLineParser(prog="main.py", description="Stable Diffusion v1 compression benchmark")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_model_args(parser)
     parser.add_argument("--resolution", type=parse_resolution, help="N or WxH pixels (default: the preset's)")
     add_sweep_args(parser)
     parser.set_defaults(func=cmd_sweep)
-    sub = parser.add_subparsers(dest="command", metavar="{generate}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate}", parser_class=OneLineParser)
 
     g = sub.add_parser("generate", help="text -> image (or image -> image) with our Stable Diffusion stack")
     add_model_args(g)
@@ -73,26 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_pipeline(args: argparse.Namespace):
-    from stable_diffusion.checkpoint import load_unet_into
-    from stable_diffusion.defaults import embedded_checkpoint
-    from stable_diffusion.pipeline import StableDiffusion
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-    path = args.checkpoint or embedded_checkpoint()
-    cfg = get_config(args.config) if args.config else None
-    sd = StableDiffusion.from_checkpoint(
-        path, cfg, dtype=DTYPES[args.dtype], device=args.device, unsafe=args.unsafe_load
-    )
-    if args.unet:
-        load_unet_into(sd.model, args.unet, unsafe=args.unsafe_load)
-    log.info("model %s from %s (%s, %s)", sd.cfg.name, path, args.dtype, args.device)
-    return sd
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    sd = load_pipeline(args)
+    sd = load_pipeline(args.checkpoint, args.config, args.unet, args.dtype, args.device, args.unsafe_load)
+    log.info("model %s (%s, %s)", sd.cfg.name, args.dtype, args.device)
     height, width = args.resolution or (None, None)
     result = sd(
         args.prompt,
@@ -128,8 +117,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from bench.sweep import SweepPlan
 
     options = options_from_args(args, args.resolution)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    check_device(args.device)  # before accelerate picks a device of its own
     state = PartialState(cpu=args.device == "cpu")
     set_threads(state)
     plan = SweepPlan(options, device=state.device, is_main=state.is_main_process)
@@ -153,10 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     except SDBenchError as e:
         log.error("%s", e)
         return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        log.error("cannot write the output%s: %s; free space or pass a writable --out", where, first_line(e))
+        return 2
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # outside main's own handler (argument parsing, logging set-up)
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

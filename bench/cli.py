@@ -2,7 +2,8 @@
 
 Every technique's sweep axes become flags taking one value or a comma list (`--ratios 0,0.3,0.5`,
 `--target all,attn`, `--mode dynamic-int8`); a `--config-file sweep.toml` may hold the same keys
-(`[sweep]` for run options, `[prune]`/`[quant]` for axes). Flags given on the command line win.
+(`[sweep]` for run options, `[<technique>]` for axes). Flags given on the command line win. The flags
+come from what each registered technique and modifier declares (`bench.registry`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 from stable_diffusion.errors import InputError
 
 from . import protocols
-from .sweep import ALL_TECHNIQUES, SweepOptions
-from .techniques import technique_class
-from .techniques.base import parse_axis
+from .modifiers.base import modifier_axes
+from .registry import TECHNIQUES, Axis
+from .sweep import RESOLVED, SweepOptions
 
 PATH_FIELDS = {
     "checkpoint",
@@ -64,27 +65,43 @@ RUN_FLAGS: list[tuple[str, type, str]] = [
 ]
 
 
-def technique_axes() -> dict[str, tuple[list[Any], Any]]:
-    """axis -> (defaults, parser) over all techniques (an axis name shared by two applies to both)."""
-    axes: dict[str, tuple[list[Any], Any]] = {}
-    for name in ALL_TECHNIQUES:
-        axes.update(technique_class(name).axes)
-    return axes
+def technique_axes() -> dict[str, Axis]:
+    """Every registered technique's and modifier's axes (an axis name shared by two techniques: the first)."""
+    axes: dict[str, Axis] = {}
+    for technique in TECHNIQUES.classes():
+        for axis in technique.axes:
+            axes.setdefault(axis.name, axis)
+    return {**axes, **modifier_axes()}
 
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sweep")
-    g.add_argument("--sweep", help=f"technique(s) to sweep: {', '.join(ALL_TECHNIQUES)}, all, or a comma list")
-    g.add_argument("--config-file", type=Path, help="TOML file with [sweep] options and [prune]/[quant] axes")
+    names = ", ".join(TECHNIQUES.names())
+    g.add_argument("--sweep", help=f"technique(s) to sweep: {names}, all, or a comma list")
+    g.add_argument("--config-file", type=Path, help="TOML file with [sweep] options and [<technique>] axes")
     g.add_argument("--resume", action="store_true", help="continue a run (re-running the same command does too)")
     g.add_argument("--setting", dest="only", action="append", help="run only this setting id (repeatable)")
     g.add_argument("--allow-download", action="store_true", help="let metrics download missing weights")
     for flag, typ, help_text in RUN_FLAGS:
         g.add_argument(flag, type=typ, help=help_text)
     a = parser.add_argument_group("sweep axes (one value or a comma list)")
-    for axis, (defaults, _) in technique_axes().items():
-        flags = [f"--{axis.replace('_', '-')}"] + (["--ratios"] if axis == "ratio" else [])
-        a.add_argument(*flags, dest=f"axis_{axis}", help=f"default: {','.join(map(str, defaults))}")
+    for name, axis in technique_axes().items():
+        flags = [axis.flag] + (["--ratios"] if name == "ratio" else [])
+        choices = f"; one of {'|'.join(map(str, axis.choices))}" if axis.choices else ""
+        default = ",".join(map(str, axis.default))
+        a.add_argument(*flags, dest=f"axis_{name}", metavar="V", help=f"{axis.help}{choices} (default: {default})")
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'512' or '768x512' (width x height) -> (height, width), both positive."""
+    try:
+        w, _, h = text.lower().partition("x")
+        height, width = int(h or w), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"resolution must be N or WxH, got {text!r}") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"resolution must be positive, got {text!r}")
+    return height, width
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -92,25 +109,94 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"config file {path} is a directory, not a TOML file") from None
+    except OSError as e:
+        raise InputError(f"cannot read config file {path}: {e.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _resolution_value(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, str):
+        try:
+            return parse_resolution(value)
+        except argparse.ArgumentTypeError:
+            return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, value
+    return None
+
+
+_TOML_TYPES: dict[str, Any] = {
+    "int": lambda v: v if isinstance(v, int) and not isinstance(v, bool) else None,
+    "float": lambda v: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None,
+    "str": lambda v: v if isinstance(v, str) else None,
+    "bool": lambda v: v if isinstance(v, bool) else None,
+    "Path": lambda v: Path(v) if isinstance(v, str) and v else None,
+    "list[str]": lambda v: v if isinstance(v, list) and all(isinstance(x, str) for x in v) else None,
+    "tuple[int, int]": _resolution_value,
+}
+
+
+def _typed(key: str, value: Any, where: Path) -> Any:
+    """A `[sweep]` value as its SweepOptions field's type; a wrong type is a one-line InputError."""
+    kind = {f.name: str(f.type) for f in dataclasses.fields(SweepOptions)}[key].replace(" | None", "")
+    if key == "techniques":
+        kind = "str" if isinstance(value, str) else "list[str]"
+    got = _TOML_TYPES[kind](value) if kind in _TOML_TYPES else value
+    if got is None:
+        raise InputError(
+            f"[sweep] {key} in {where} must be {kind.replace('tuple[int, int]', 'N or WxH')}, got {value!r}"
+        )
+    return got
+
+
+def _check_tables(file: dict[str, Any], names: list[str], where: Path) -> None:
+    """Every table is [sweep] or a swept technique's, and every key one of its axes (typos are not ignored)."""
+    for table, body in file.items():
+        if table == "sweep":
+            continue
+        if table not in TECHNIQUES:
+            known = ", ".join(f"[{n}]" for n in TECHNIQUES.names())
+            raise InputError(f"unknown table [{table}] in {where}; tables: [sweep], {known}")
+        if table not in names:
+            raise InputError(f"[{table}] in {where} is not swept (--sweep {','.join(names)}); sweep it too or drop it")
+        if not isinstance(body, dict):
+            raise InputError(f"[{table}] in {where} must be a table of axes")
+        axes = [a.name for a in TECHNIQUES.get(table).axes] + list(modifier_axes())
+        if unknown := sorted(set(body) - set(axes)):
+            raise InputError(f"unknown axis {unknown[0]!r} in [{table}] of {where}; it has: {', '.join(axes)}")
+
+
+def _check_axis_flags(args: argparse.Namespace, names: list[str]) -> None:
+    """An axis flag must belong to a technique being swept (else it would be silently ignored)."""
+    swept = {axis.name for name in names for axis in TECHNIQUES.get(name).axes} | set(modifier_axes())
+    for axis in technique_axes():
+        if getattr(args, f"axis_{axis}") is not None and axis not in swept:
+            owners = [n for n in TECHNIQUES.names() if axis in {a.name for a in TECHNIQUES.get(n).axes}]
+            raise InputError(
+                f"--{axis.replace('_', '-')} is an axis of {', '.join(owners)}, which --sweep {','.join(names)} "
+                "does not sweep"
+            )
 
 
 def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | None) -> SweepOptions:
     """CLI flags over `[sweep]`/`[<technique>]` tables of the config file over SweepOptions defaults."""
     file = _read_toml(args.config_file) if args.config_file else {}
+    if not isinstance(file.get("sweep", {}), dict):
+        raise InputError(f"[sweep] in {args.config_file} must be a table")
     run = dict(file.get("sweep", {}))
-    fields = {f.name for f in dataclasses.fields(SweepOptions)} - {"axes"}
+    fields = {f.name for f in dataclasses.fields(SweepOptions)} - {"axes", "protocol_overrides", *RESOLVED}
     if unknown := set(run) - fields:
         raise InputError(f"unknown [sweep] keys in {args.config_file}: {', '.join(sorted(unknown))}")
+    run = {key: _typed(key, value, args.config_file) for key, value in run.items()}
     for key in fields:
         value = getattr(args, key, None)
         if value is not None and value is not False:
             run[key] = value
     if resolution:
         run["resolution"] = resolution
-    elif isinstance(run.get("resolution"), int):
-        run["resolution"] = (run["resolution"], run["resolution"])
     for key in ("accuracy_window", "clip_window"):
         if run.get(key) is not None:
             run[key] = protocols.parse_window(run[key], "--" + key.replace("_", "-"))
@@ -118,23 +204,35 @@ def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | No
         run["protocol_overrides"] = protocols.fill(run["protocol"], run)
     sweep = args.sweep or run.get("techniques")
     if not sweep:
-        raise InputError("say what to sweep: --sweep prune, quant or all")
-    names = ALL_TECHNIQUES if sweep == "all" else (sweep if isinstance(sweep, list) else sweep.split(","))
+        raise InputError(f"say what to sweep: --sweep {', '.join(TECHNIQUES.names())} or all")
+    names = TECHNIQUES.names() if sweep == "all" else (sweep if isinstance(sweep, list) else sweep.split(","))
     for name in names:
-        technique_class(name)  # an unknown technique fails here, with the valid names
+        TECHNIQUES.get(name)  # an unknown technique fails here, with the valid names
     run["techniques"] = list(names)
     for key in PATH_FIELDS & set(run):
         run[key] = Path(run[key])
+    _check_tables(file, list(names), args.config_file)
+    _check_axis_flags(args, list(names))
 
     axes_spec = technique_axes()
     axes: dict[str, list[Any]] = {}
     for name in names:
         for axis, raw in file.get(name, {}).items():
-            if axis not in axes_spec:
-                raise InputError(f"unknown axis {axis!r} in [{name}] of {args.config_file}")
-            axes[axis] = parse_axis(axis, raw, axes_spec[axis][1])
-    for axis, (_, parser) in axes_spec.items():
+            axes[axis] = axes_spec[axis].values(raw)
+    for axis, spec in axes_spec.items():
         raw = getattr(args, f"axis_{axis}")
         if raw is not None:
-            axes[axis] = parse_axis(axis, raw, parser)
+            axes[axis] = spec.values(raw)
     return SweepOptions(axes=axes, **run)
+
+
+def agent_args(o: SweepOptions, run_id: str) -> list[str]:
+    """CLI flags that reproduce a sweep's protocol and run folder (for W&B sweep agents)."""
+    args = ["--num-images", str(o.num_images), "--steps", str(o.steps), "--sampler", o.sampler]
+    args += ["--guidance", str(o.guidance), "--seed", str(o.seed), "--prompts", o.prompts]
+    args += ["--resolution", f"{o.width}x{o.height}", "--run-id", run_id]
+    if o.checkpoint:
+        args += ["--checkpoint", str(o.checkpoint)]
+    if o.protocol:
+        args += ["--protocol", o.protocol]
+    return args

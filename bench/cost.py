@@ -26,14 +26,21 @@ def percentiles(xs: list[float]) -> tuple[float, float]:
 
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
     """Seconds per call, after `warmup` untimed calls."""
+    return time_alternating({"": fn}, warmup, repeats)[""]
+
+
+def time_alternating(fns: Mapping[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, called in turn (a, b, a, b...) so drift hits all alike."""
     for _ in range(warmup):
-        fn()
-    out = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 class PeakRSS:

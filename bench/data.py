@@ -126,6 +126,16 @@ def shapes_set(spec: str) -> tuple[str, str, int] | None:
     return (name, *SHAPES_SETS[name]) if name in SHAPES_SETS else None
 
 
+def prompts_key(spec: str) -> str:
+    """`spec` as the run digest names it: the canonical set, under its first-version name where it had one.
+
+    The first version's `shapes` meant the held-out captions (now `shapes-heldout`), so that set keeps the
+    name `shapes` in the digest (its run folders resume) and today's `shapes` (= shapes-val) is `shapes-val`.
+    """
+    name = SHAPES_ALIASES.get(spec, spec)
+    return "shapes" if name == "shapes-heldout" else name
+
+
 def load_prompts(spec: str, reference: ReferenceSet | None = None, caption_index: int = 0) -> PromptSet:
     """`shapes` (= shapes-val), `shapes-heldout`, `coco` (reference captions), `parti`, or a .txt/.tsv/.json file.
 

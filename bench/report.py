@@ -1,4 +1,4 @@
-"""Plots, W&B logging and W&B sweep files, all built from a finished `results.csv`.
+"""Plots and image grids, all built from a finished `results.csv` (W&B: `bench.wandb_report`).
 
 Why a separate step: the sweep runner must never lose a row to a plotting or W&B problem, so it only
 writes the CSV; everything here reads it back and can be re-run on any results dir. Figures are made
@@ -7,8 +7,8 @@ with matplotlib's object API on the Agg canvas (no pyplot global state, no displ
 
 from __future__ import annotations
 
-import contextlib
 import csv
+import io
 import json
 import logging
 import math
@@ -21,55 +21,41 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from PIL import Image
 
-from bench.schema import COLUMN_NAMES, parse_float
+from . import schema
+from .registry import TECHNIQUES
+from .results import write_atomic
+from .schema import parse_float
+from .techniques.base import BASELINE
 
 logger = logging.getLogger(__name__)
 
 Row = Mapping[str, str]
 
-# Columns that identify or describe a row (protocol, knobs, CI bounds) rather than measure it.
-_NOT_METRICS = {
-    "run_id", "setting_id", "technique", "params", "backend", "kernels", "status", "model", "n_images",
-    "resolution", "sampler", "steps", "guidance", "seed", "prompts", "ratio", "mode", "bits_weights",
-    "bits_activations", "calib_prompts", "fid_ci_low", "fid_ci_high", "fid_n", "fid_features",
-    "clip_score_std", "clip_model", "extra", "unet_params", "size_dense_bytes", "prompt_acc_n", "shapes_fid_ci_low",
-    "shapes_fid_ci_high", "shapes_fid_n", "shapes_fid_features",
-}  # fmt: skip
-# metric -> (axis label with unit, scale applied to the value before plotting)
-_LABELS: dict[str, tuple[str, float]] = {
-    "psnr": ("PSNR vs FP32 images (dB)", 1.0), "ssim": ("SSIM vs FP32 images", 1.0),
-    "lpips": ("LPIPS vs FP32 images", 1.0), "mse": ("pixel MSE vs FP32 images ([0,1] range)", 1.0),
-    "fid": ("FID vs reference set", 1.0), "clip_score": ("CLIP score (100·cos)", 1.0),
-    "latency_step_p50_ms": ("UNet step latency p50 (ms)", 1.0),
-    "latency_step_p90_ms": ("UNet step latency p90 (ms)", 1.0),
-    "latency_image_p50_s": ("image latency p50 (s)", 1.0), "latency_image_p90_s": ("image latency p90 (s)", 1.0),
-    "size_bytes": ("UNet size on disk (MB)", 1e-6), "size_dense_bytes": ("UNet dense size on disk (MB)", 1e-6),
-    "sparsity": ("sparsity of targeted weights (fraction)", 1.0),
-    "sparsity_unet": ("sparsity of all UNet weights (fraction)", 1.0),
-    "peak_rss_mb": ("peak RSS (MB)", 1.0), "nonzeros": ("non-zero UNet parameters (M)", 1e-6),
-    "gflops_per_step": ("GFLOPs per UNet call", 1.0), "weight_error_max_rel": ("max relative weight error", 1.0),
-    "nonfinite_images": ("images with NaN/Inf", 1.0),
-    "prompt_accuracy": ("prompt accuracy, all attributes (shapes classifier)", 1.0),
-    "shapes_fid": ("shapes-FID vs held-out generator images", 1.0),
-}  # fmt: skip
-_LOWER_IS_BETTER = {"fid", "lpips", "mse", "shapes_fid"}
 _PROTOCOL = [("n_images", "{} images"), ("resolution", "{}"), ("sampler", "{}"), ("steps", "{} steps"),
              ("guidance", "guidance {}"), ("seed", "seed {}")]  # fmt: skip
 _MARKERS = ["o", "s", "^", "D", "v", "P"]
 _SIMULATED_NOTE = "simulated: latency not a speed claim"
 
 
+def _savefig(fig: Any, path: Path) -> None:
+    """PNG written atomically: a full disk leaves the old plot, never half a file."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    write_atomic(path, buf.getvalue())
+
+
 def read_rows(csv_path: Path | str) -> list[dict[str, str]]:
     """Rows as written by the runner; every schema column present (older files may lack some)."""
     with open(csv_path, newline="", encoding="utf-8") as f:
-        return [{name: row.get(name) or "" for name in COLUMN_NAMES} for row in csv.DictReader(f)]
+        names = schema.column_names()
+        return [{name: row.get(name) or "" for name in names} for row in csv.DictReader(f)]
 
 
 def _value(row: Row | None, column: str) -> float | None:
     return None if row is None else parse_float(row.get(column, ""))
 
 
-def _finite(row: Row | None, column: str) -> float | None:
+def finite(row: Row | None, column: str) -> float | None:
     return v if (v := _value(row, column)) is not None and math.isfinite(v) else None
 
 
@@ -81,9 +67,19 @@ def _params(row: Row) -> dict[str, Any]:
     return params if isinstance(params, dict) else {}
 
 
-def _ratio(row: Row) -> float | None:
-    ratio = _params(row).get("ratio")
-    return _value(row, "ratio") if not isinstance(ratio, int | float) or isinstance(ratio, bool) else float(ratio)
+def _x(row: Row, axis: str) -> float | None:
+    """The row's value of its technique's `plot_x` axis: from its params, else from the column of that name."""
+    x = _params(row).get(axis)
+    return _value(row, axis) if not isinstance(x, int | float) or isinstance(x, bool) else float(x)
+
+
+def _plot_x(technique: str) -> tuple[str, str] | None:
+    """(axis, x label) a registered technique declares for its plots; None: one point per setting."""
+    cls = TECHNIQUES.get(technique) if technique in TECHNIQUES else None
+    if cls is None or cls.plot_x is None:
+        return None
+    declared = {c.name: c.axis_label for c in cls.columns}
+    return cls.plot_x, declared.get(cls.plot_x) or cls.axis(cls.plot_x).help
 
 
 def _varying(rows: Sequence[Row], skip: Collection[str] = ()) -> list[str]:
@@ -119,17 +115,21 @@ def _protocol(rows: Sequence[Row]) -> str:
 
 
 def _metric_label(metric: str) -> tuple[str, float]:
-    return _LABELS.get(metric, (metric, 1.0))
+    column = schema.column(metric)
+    return (column.axis_label, column.scale) if column else (metric, 1.0)
+
+
+def _lower_is_better(metric: str) -> bool:
+    column = schema.column(metric)
+    return column is not None and column.better == "lower"
 
 
 def metric_columns(rows: Sequence[Row]) -> list[str]:
-    """Numeric metric columns with at least one finite value in `rows`, known metrics first."""
-    columns = list(dict.fromkeys([*_LABELS, *COLUMN_NAMES, *(k for r in rows for k in r)]))
-    return [
-        c
-        for c in columns
-        if c not in _NOT_METRICS and not _is_statistic(c) and any(_finite(r, c) is not None for r in rows)
-    ]
+    """Numeric measured columns (declared `plot`, or unknown to the schema) with a finite value in `rows`."""
+    known = {c.name: c for c in schema.columns()}
+    columns = list(dict.fromkeys([*known, *(k for r in rows for k in r)]))
+    plotted = [c for c in columns if c not in known or known[c].plot]
+    return [c for c in plotted if any(finite(r, c) is not None for r in rows)]
 
 
 def _new_figure(size: tuple[float, float] = (7.5, 4.8)) -> Figure:
@@ -138,97 +138,100 @@ def _new_figure(size: tuple[float, float] = (7.5, 4.8)) -> Figure:
     return fig
 
 
-def _is_statistic(column: str) -> bool:
-    """Interval bounds, p-values and the `differs` list describe a metric column; they get no plot of their own."""
-    return column.endswith(("_ci_low", "_ci_high", "_p")) or column == "differs"
+def _ci(metric: str) -> tuple[str, str] | None:
+    column = schema.column(metric)
+    return column.ci if column else None
 
 
-def _has_ci(rows: Sequence[Row], metric: str) -> bool:
-    return any(_finite(r, f"{metric}_ci_low") is not None for r in rows)
-
-
-def _err(row: Row, metric: str, y: float) -> tuple[float, float]:
-    """Error-bar lengths below/above y from the row's `<metric>_ci_low/high` (0 where missing)."""
-    low, high = _finite(row, f"{metric}_ci_low"), _finite(row, f"{metric}_ci_high")
+def _ci_err(row: Row, y: float, ci: tuple[str, str]) -> tuple[float, float]:
+    """Error-bar lengths below/above y from the row's CI columns (0 where missing)."""
+    low, high = finite(row, ci[0]), finite(row, ci[1])
     return (max(y - low, 0.0) if low is not None else 0.0, max(high - y, 0.0) if high is not None else 0.0)
 
 
-def _ci_note(metric: str) -> str:
-    kind = "Wilson" if metric.startswith("prompt_acc") else "bootstrap"
+def _ci_note(ci: tuple[str, str]) -> str:
+    """The y-label note naming the interval: Wilson (proportions) or bootstrap, as the CI column says."""
+    column = schema.column(ci[0])
+    kind = "Wilson" if column is not None and "Wilson" in column.meaning else "bootstrap"
     return f"\n(bars: 95% {kind} CI)"
 
 
 def plot_metrics(rows: Sequence[Row], out_dir: Path | str) -> list[Path]:
-    """One `<technique>_<metric>.png` per technique and metric with data: metric vs ratio, or per setting.
+    """One `<technique>_<metric>.png` per technique and metric with data: metric vs `plot_x`, or per setting.
 
-    Techniques whose rows all have a numeric ratio get a line per combination of the other varying params;
-    the others (quant: mode/observer...) get one point per setting. The baseline is a dashed reference line.
+    Techniques that declare a `plot_x` axis, when all their rows have a numeric value of it, get a line per
+    combination of the other varying params; the others (quant: mode/observer...) get one point per
+    setting. The baseline is a dashed reference line.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    baseline = next((r for r in rows if r.get("technique") == "baseline"), None)
-    techniques = list(dict.fromkeys(r.get("technique", "") for r in rows if r.get("technique") != "baseline"))
+    baseline = next((r for r in rows if r.get("technique") == BASELINE), None)
+    techniques = list(dict.fromkeys(r.get("technique", "") for r in rows if r.get("technique") != BASELINE))
     paths = []
     for technique in techniques:
         trows = [r for r in rows if r.get("technique") == technique]
-        by_ratio = all(_ratio(r) is not None for r in trows)
+        x = _plot_x(technique)
+        if x is not None and any(_x(r, x[0]) is None for r in trows):
+            x = None
         for metric in metric_columns(trows):
             label, scale = _metric_label(metric)
             fig = _new_figure()
             ax = fig.add_subplot()
-            if by_ratio:
-                _draw_vs_ratio(ax, trows, metric, scale)
-                ax.set_xlabel(f"{technique} ratio asked for (fraction of targeted weights)")
+            if x is not None:
+                _draw_vs_x(ax, trows, metric, scale, x[0])
+                ax.set_xlabel(f"{technique} {x[1]}")
             else:
                 _draw_per_setting(ax, trows, metric, scale)
             base = _value(baseline, metric)
             if base is not None and math.isfinite(base):
                 ax.axhline(base * scale, ls="--", color="0.35", lw=1, label="FP32 baseline")
-                low, high = _finite(baseline, f"{metric}_ci_low"), _finite(baseline, f"{metric}_ci_high")
+                ci = _ci(metric)
+                low, high = (finite(baseline, ci[0]), finite(baseline, ci[1])) if ci else (None, None)
                 if low is not None and high is not None:
                     ax.axhspan(low * scale, high * scale, color="0.35", alpha=0.12, lw=0, label="FP32 95% CI")
             elif base is not None:  # psnr of the baseline vs itself: nothing to draw, say why
                 ax.plot([], [], ls="--", color="0.35", label=f"FP32 baseline: {base:g} (identical images)")
-            ax.set_ylabel(label + (_ci_note(metric) if _has_ci(trows, metric) else ""))
+            ci = _ci(metric)
+            ax.set_ylabel(label + (_ci_note(ci) if ci else ""))
             ax.grid(alpha=0.3)
-            constants = _constants(trows, {"ratio"})
+            constants = _constants(trows, {x[0]} if x else set())
             ax.set_title(f"{technique}{f' ({constants})' if constants else ''}: {label}\n{_protocol(rows)}", fontsize=9)
             ax.legend(fontsize=7, loc="best")
             fig.tight_layout()
             path = out_dir / f"{technique}_{metric}.png"
-            fig.savefig(path, dpi=110)
+            _savefig(fig, path)
             paths.append(path)
     return paths
 
 
-def _draw_vs_ratio(ax: Any, rows: Sequence[Row], metric: str, scale: float) -> None:
-    keys, backends = _varying(rows, skip={"ratio"}), {r.get("backend", "") for r in rows}
+def _draw_vs_x(ax: Any, rows: Sequence[Row], metric: str, scale: float, axis: str) -> None:
+    keys, backends, ci = _varying(rows, skip={axis}), {r.get("backend", "") for r in rows}, _ci(metric)
     groups: dict[str, list[Row]] = {}
     for row in rows:
-        if _finite(row, metric) is not None:
+        if finite(row, metric) is not None:
             groups.setdefault(_label(row, keys, backends), []).append(row)
     for name, group in groups.items():
-        group = sorted(group, key=lambda r: _ratio(r) or 0.0)
-        ys = [_finite(r, metric) or 0.0 for r in group]
-        errs = [_err(r, metric, y) for r, y in zip(group, ys, strict=True)]
-        yerr = [[e[0] * scale for e in errs], [e[1] * scale for e in errs]] if _has_ci(group, metric) else None
-        ax.errorbar([_ratio(r) for r in group], [y * scale for y in ys], yerr=yerr, marker="o", ms=4, capsize=3,
+        group = sorted(group, key=lambda r: _x(r, axis) or 0.0)
+        ys = [finite(r, metric) or 0.0 for r in group]
+        errs = [_ci_err(r, y, ci) for r, y in zip(group, ys, strict=True)] if ci else []
+        yerr = [[e[0] * scale for e in errs], [e[1] * scale for e in errs]] if ci else None
+        ax.errorbar([_x(r, axis) for r in group], [y * scale for y in ys], yerr=yerr, marker="o", ms=4, capsize=3,
                     lw=1.2, label=name or None)  # fmt: skip
 
 
 def _draw_per_setting(ax: Any, rows: Sequence[Row], metric: str, scale: float) -> None:
-    keys, backends = _varying(rows), {r.get("backend", "") for r in rows}
+    keys, backends, ci = _varying(rows), {r.get("backend", "") for r in rows}, _ci(metric)
     labels, any_simulated = [], False
     for i, row in enumerate(rows):
         labels.append((_label(row, keys, backends) or row.get("setting_id", "?")).replace(", ", "\n"))
-        y = _finite(row, metric)
+        y = finite(row, metric)
         if y is None:
             ax.annotate("not measured", (i, 0), xycoords=("data", "axes fraction"), ha="center", fontsize=7,
                         xytext=(0, 4), textcoords="offset points", color="0.4")  # fmt: skip
             continue
         simulated = row.get("kernels") == "simulated"
         any_simulated |= simulated
-        yerr = [[v * scale] for v in _err(row, metric, y)] if _has_ci([row], metric) else None
+        yerr = [[v * scale] for v in _ci_err(row, y, ci)] if ci else None
         ax.errorbar([i], [y * scale], yerr=yerr, marker="o", ms=7, capsize=3, color="C0",
                     mfc="none" if simulated else "C0")  # fmt: skip
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
@@ -255,26 +258,26 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 def pick_quality(rows: Sequence[Row], quality: str = "psnr", cost: str = "latency_step_p50_ms") -> str:
     """`quality` if some row has a finite value and a cost, else fid, else ssim (offline runs lack fid)."""
     for candidate in dict.fromkeys([quality, "fid", "ssim"]):
-        if any(_finite(r, candidate) is not None and _finite(r, cost) is not None for r in rows):
+        if any(finite(r, candidate) is not None and finite(r, cost) is not None for r in rows):
             return candidate
     return quality
 
 
 def pareto_rows(rows: Sequence[Row], quality: str, cost: str) -> list[int]:
-    """Indices of `rows` on the quality/cost Pareto front, cheapest first (fid, lpips, mse: lower is better).
+    """Indices of `rows` on the quality/cost Pareto front, cheapest first (the quality column's `better`).
 
     Rows with `kernels == "simulated"` are left out: their latency is not a speed claim, so they may neither
     sit on the front nor push a real row off it.
     """
-    sign = -1.0 if quality in _LOWER_IS_BETTER else 1.0
+    sign = -1.0 if _lower_is_better(quality) else 1.0
     idx = [i for i, r in enumerate(rows) if _plottable(r, quality, cost) and r.get("kernels") != "simulated"]
-    points = [(sign * (_value(rows[i], quality) or 0.0), _finite(rows[i], cost) or 0.0) for i in idx]
+    points = [(sign * (_value(rows[i], quality) or 0.0), finite(rows[i], cost) or 0.0) for i in idx]
     return [idx[j] for j in pareto_front(points)]
 
 
 def _plottable(row: Row, quality: str, cost: str) -> bool:
     q = _value(row, quality)
-    return q is not None and not math.isnan(q) and _finite(row, cost) is not None
+    return q is not None and not math.isnan(q) and finite(row, cost) is not None
 
 
 def plot_pareto(
@@ -289,7 +292,7 @@ def plot_pareto(
     out_dir.mkdir(parents=True, exist_ok=True)
     quality = pick_quality(rows, quality, cost)
     (qlabel, qscale), (clabel, cscale) = _metric_label(quality), _metric_label(cost)
-    better = "lower" if quality in _LOWER_IS_BETTER else "higher"
+    better = "lower" if _lower_is_better(quality) else "higher"
     fig = _new_figure((9.5, 5.5))
     ax = fig.add_subplot()
     ax.set_title(f"{qlabel} vs {clabel}, all settings; Pareto front labelled\n{_protocol(rows)}", fontsize=9)
@@ -299,14 +302,14 @@ def plot_pareto(
     rows = [r for r in rows if _plottable(r, quality, cost)]
     if not rows:
         ax.text(0.5, 0.5, f"no row has both {quality} and {cost}", ha="center", va="center", transform=ax.transAxes)
-        fig.savefig(path, dpi=110)
+        _savefig(fig, path)
         return path
     qs = [(_value(r, quality) or 0.0) * qscale for r in rows]
-    finite = [q for q in qs if math.isfinite(q)] or [0.0]
-    lo, hi = min(finite), max(finite)
+    shown = [q for q in qs if math.isfinite(q)] or [0.0]
+    lo, hi = min(shown), max(shown)
     pad = 0.08 * (hi - lo) if hi > lo else 1.0
     ys = [q if math.isfinite(q) else (hi + pad if q > 0 else lo - pad) for q in qs]
-    xs = [(_finite(r, cost) or 0.0) * cscale for r in rows]
+    xs = [(finite(r, cost) or 0.0) * cscale for r in rows]
     techniques = list(dict.fromkeys(r.get("technique", "") for r in rows))
     backends = list(dict.fromkeys(r.get("backend", "") for r in rows))
     handles: dict[str, Line2D] = {}
@@ -333,7 +336,7 @@ def plot_pareto(
     ax.grid(alpha=0.3)
     ax.legend(handles=list(handles.values()), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     return path
 
 
@@ -350,103 +353,6 @@ def make_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
     for i, im in enumerate(images):
         grid.paste(im.convert(images[0].mode), ((i % cols) * size[0], (i // cols) * size[1]))
     return grid
-
-
-def _table_data(rows: Sequence[Row]) -> tuple[list[str], list[list[Any]]]:
-    """Schema columns (unique: W&B needs unique names) and cells; numeric columns as floats.
-
-    A column is numeric when every non-empty cell parses as a float; empty and non-finite cells become
-    None (the W&B frontend cannot read JSON Infinity, so the baseline's psnr=inf shows as empty there).
-    """
-    columns = list(dict.fromkeys(COLUMN_NAMES))
-    cells = {c: [r.get(c, "") for r in rows if r.get(c, "")] for c in columns}
-    numeric = {c for c, v in cells.items() if v and all(parse_float(x) is not None for x in v)}
-    return columns, [[_finite(r, c) if c in numeric else r.get(c, "") for c in columns] for r in rows]
-
-
-def log_wandb(
-    run_dir: Path | str,
-    project: str = "sdbench",
-    mode: str = "offline",
-    config: Mapping[str, Any] | None = None,
-    rows: Sequence[Row] = (),
-    image_grids: Mapping[str, Path | str] | None = None,
-    plots: Sequence[Path | str] = (),
-    run_name: str | None = None,
-) -> str | None:
-    """Log one W&B run (results table, per-setting grids, plots); return its offline dir or URL.
-
-    Offline by default: the run lands in `run_dir/wandb/offline-run-*` and `wandb sync` uploads it later.
-    Any W&B failure (missing package, init error, ...) is a warning and None: the CSV is the record.
-    """
-    if mode not in ("offline", "online", "disabled"):
-        raise ValueError(f"W&B mode must be offline, online or disabled, not {mode!r}")
-    try:
-        import wandb
-    except Exception as exc:
-        logger.warning("W&B not available (%s); results are in results.csv only", exc)
-        return None
-    run = None
-    try:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        run = wandb.init(project=project, mode=mode, dir=str(run_dir), config=dict(config or {}), name=run_name,
-                         reinit="finish_previous")  # fmt: skip
-        columns, data = _table_data(rows)
-        payload: dict[str, Any] = {"results": wandb.Table(columns=columns, data=data)}
-        for setting_id, grid in (image_grids or {}).items():
-            payload[f"grid/{setting_id}"] = wandb.Image(str(grid), caption=setting_id)
-        for plot in map(Path, plots):
-            payload[f"plot/{plot.stem}"] = wandb.Image(str(plot), caption=plot.name)
-        run.log(payload)
-        where = {"offline": str(Path(run.dir).parent), "online": run.url}.get(mode)
-        run.finish()
-        return where
-    except Exception as exc:
-        logger.warning("W&B logging failed (%s: %s); results are in results.csv", type(exc).__name__, exc)
-        if run is not None:
-            with contextlib.suppress(Exception):
-                run.finish(exit_code=1)
-        return None
-
-
-_SWEEP_HEADER = """\
-# W&B sweep for `main.py --sweep {technique}`: spreads the settings of one grid over machines.
-#   wandb sweep {name}        # prints a sweep ID
-#   wandb agent <ID>          # on each machine; each agent runs settings one by one
-# Each agent gets one `--setting=<id>` (or one value per axis as --<axis>=<value>) and also computes the
-# FP32 baseline it compares against. The command keeps this run's --run-id: on a shared filesystem all rows
-# land in one results/<run_id>/results.csv (run the baseline first so agents reuse it instead of racing).
-"""
-
-
-def write_wandb_sweep(
-    path: Path | str, technique: str, axes: Mapping[str, Sequence[Any]], base_args: Sequence[str] = ()
-) -> Path:
-    """A grid-sweep YAML whose parameters are the technique's axes, as CLI flags (`_` becomes `-`)."""
-    path = Path(path)
-    parameters: dict[str, Any] = {}
-    for axis, values in axes.items():
-        values = [v if isinstance(v, bool | int | float) else str(v) for v in values]
-        splits = axis != "setting"  # --setting takes one whole setting id; axis flags split on commas
-        if not values or (splits and any(isinstance(v, str) and "," in v for v in values)):
-            raise ValueError(f"sweep axis {axis!r} needs values without commas (the CLI splits on them)")
-        parameters[axis.replace("_", "-")] = {"values": values}
-    spec = {
-        "program": "main.py",
-        "name": f"sdbench-{technique}",
-        "method": "grid",
-        "command": ["${env}", "python", "${program}", "--sweep", technique, *map(str, base_args), "${args}"],
-        "parameters": parameters,
-    }
-    try:
-        import yaml
-
-        body = yaml.safe_dump(spec, sort_keys=False, default_flow_style=None)
-    except ImportError:  # JSON is valid YAML
-        body = json.dumps(spec, indent=2) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_SWEEP_HEADER.format(technique=technique, name=path.name) + body, encoding="utf-8")
-    return path
 
 
 def write_report(run_dir: Path | str, rows: Sequence[Row]) -> list[Path]:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,13 +28,17 @@ from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
+from stable_diffusion.errors import first_line
 from stable_diffusion.pipeline import StableDiffusion
 
-from . import cost, protocols, report, stats
+from . import cost, protocols, report, schema, stats, wandb_report
+from .calibration import Calibration, Recorder
+from .cli import agent_args
 from .metrics.base import PER_IMAGE, interval_fields
-from .results import ResultsFile
+from .modifiers.base import ApplyContext, modifiers_for, technique_setting
+from .results import ResultsFile, write_atomic
 from .sweep import SweepPlan
-from .techniques.base import Calibration, Compressed, Setting, UNetCall
+from .techniques.base import BASELINE, Compressed, Setting
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +48,6 @@ class Sampled:
     images: list[np.ndarray]  # uint8 HxWx3, in prompt order
     seconds: list[float]  # wall time per image
     nonfinite: int
-
-
-class Recorder(torch.nn.Module):
-    """Wraps the FP32 UNet and records every call's inputs: real trajectories for calibration."""
-
-    def __init__(self, unet: torch.nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-        self.calls: list[UNetCall] = []
-        self.prompt_of_call: list[int] = []
-        self.prompt = 0
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        self.calls.append(UNetCall(x.detach().cpu().clone(), torch.as_tensor(t).cpu().clone(), context.cpu().clone()))
-        self.prompt_of_call.append(self.prompt)
-        return self.unet(x, t, context)
 
 
 class Runner:
@@ -72,18 +62,24 @@ class Runner:
         self.baseline_per_image: dict[str, list[float]] | None = None
 
     # -- sampling ---------------------------------------------------------------------------------
-    def sample(self, prompts: list[str], seeds: list[int], desc: str) -> Sampled:
-        """Sample this process's shard of the prompts (one image per prompt, its own seed); gather all."""
-        p = self.plan.options
+    def sample(
+        self, prompts: list[str], seeds: list[int], desc: str, sampling: dict[str, Any] | None = None
+    ) -> Sampled:
+        """Sample this process's shard of the prompts (one image per prompt, its own seed); gather all.
+
+        `sampling` overrides the plan's sampling options (a technique's `Compressed.sampling`); a UNet with
+        `reset_sampling_state()` (a stateful cache) is reset before every image.
+        """
+        options = {**self.plan.sampling(), **(sampling or {})}
+        reset = getattr(self.sd.model.unet, "reset_sampling_state", None)
         indices = list(range(len(prompts)))
         local: list[tuple[int, np.ndarray, float, bool]] = []
         with self.state.split_between_processes(indices) as shard:
             for i in tqdm(shard, desc=desc, leave=False, disable=not self.main):
+                if reset is not None:
+                    reset()
                 t0 = time.perf_counter()
-                out = self.sd(
-                    prompts[i], steps=p.steps, sampler=p.sampler, guidance=p.guidance, seed=seeds[i],
-                    height=p.height, width=p.width, progress=False,
-                )  # fmt: skip
+                out = self.sd(prompts[i], seed=seeds[i], progress=False, **options)
                 finite = bool(torch.isfinite(out.latents).all() and torch.isfinite(out.pixels).all())
                 pixels = torch.nan_to_num(out.pixels, nan=0.0)
                 arr = (pixels[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
@@ -100,10 +96,7 @@ class Runner:
             try:
                 for i, prompt in enumerate(tqdm(prompts, desc="calibration", leave=False, disable=not self.main)):
                     recorder.prompt = i
-                    self.sd(
-                        prompt, steps=p.steps, sampler=p.sampler, guidance=p.guidance, seed=p.seed + 100_000 + i,
-                        height=p.height, width=p.width, progress=False,
-                    )  # fmt: skip
+                    self.sd(prompt, seed=p.seed + 100_000 + i, progress=False, **self.plan.sampling())
             finally:
                 self.sd.model.swap_unet(self.base_unet)
             self.calibration = Calibration(recorder.calls, recorder.prompt_of_call)
@@ -111,11 +104,16 @@ class Runner:
 
     # -- one setting ------------------------------------------------------------------------------
     def compress(self, setting: Setting) -> Compressed:
-        if setting.technique == "baseline":
-            return Compressed(self.base_unet, {"kernels": "dense fp32"})
+        """The technique's apply on a private copy of the UNet, then each modifier's, in order."""
+        if setting.technique == BASELINE:
+            return Compressed(self.base_unet, {"kernels": f"dense {self.plan.options.dtype}"})  # what really ran
         technique = self.plan.techniques[setting.technique]
         calibration = self.calibrate() if technique.needs_calibration else None
-        return technique.apply(copy.deepcopy(self.base_unet), setting, calibration)
+        compressed = technique.apply(copy.deepcopy(self.base_unet), technique_setting(setting), calibration)
+        ctx = ApplyContext(self.sd.device, self.base_unet, self.calibrate, self.plan.options)
+        for modifier in modifiers_for(technique):
+            compressed = modifier.apply(compressed, setting, ctx)
+        return compressed
 
     def measure_cost(self, module: torch.nn.Module) -> dict[str, float | int]:
         p, cfg = self.plan.options, self.sd.cfg
@@ -179,17 +177,17 @@ class Runner:
         """Per-image metric values of a finished setting (JSON; NaN = not applicable): the baseline's pair them."""
         path = self._per_image_path(setting)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"setting_id": setting.id, "n": len(self.plan.prompts), "values": per_image}))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({"setting_id": setting.id, "n": len(self.plan.prompts), "values": per_image}))
 
     def load_baseline_per_image(self, setting: Setting) -> dict[str, list[float]]:
         """The baseline's per-image values on resume; recomputed from its saved images when the file is missing."""
         path = self._per_image_path(setting)
-        if path.is_file():
+        try:
             data = json.loads(path.read_text())
-            if data.get("n") == len(self.plan.prompts):
+            if data.get("n") == len(self.plan.prompts) and isinstance(data.get("values"), dict):
                 return data["values"]
+        except (OSError, ValueError) as e:  # missing (a run of an older version) or unreadable: recompute
+            log.info("%s: %s; recomputing the baseline's per-image values", path, first_line(e))
         _, per_image = self.quality(self.baseline or [], is_baseline=True)
         self.save_per_image(setting, per_image)
         return per_image
@@ -199,31 +197,34 @@ class Runner:
         self.sd.model.swap_unet(compressed.module)
         try:
             with cost.PeakRSS() as mem:
-                sampled = self.sample(self.plan.prompts, self.plan.seeds, desc=setting.id)
-            is_baseline = setting.technique == "baseline"
+                sampled = self.sample(self.plan.prompts, self.plan.seeds, setting.id, compressed.sampling)
+            is_baseline = setting.technique == BASELINE
             if is_baseline:
                 self.baseline = sampled.images
             if not self.main:
                 return
             self.save_images(setting, sampled.images)
             p50, p90 = cost.percentiles(sampled.seconds)
-            fields = {
-                **self.plan.row_protocol(),
+            protocol = {
+                **self.plan.row_protocol(compressed.sampling),
                 "setting_id": setting.id,
                 "technique": setting.technique,
                 "params": dict(setting.params),
                 "backend": "pytorch",
                 "status": "ok" if sampled.nonfinite == 0 else "nonfinite",
                 "nonfinite_images": sampled.nonfinite,
+            }
+            measured = {
                 "latency_image_p50_s": p50,
                 "latency_image_p90_s": p90,
                 "peak_rss_mb": mem.peak / 2**20,
-                **setting.params,
                 **self.measure_cost(compressed.module),
-                **compressed.fields,
             }
-            quality, per_image = self.quality(sampled.images, is_baseline)
-            fields.update(quality)
+            # NaN pixels were zeroed for the PNGs: comparing those would report a perfect match
+            quality, per_image = self.quality(sampled.images, is_baseline) if sampled.nonfinite == 0 else ({}, {})
+            technique = self.plan.techniques.get(setting.technique)
+            declared = {c.name for c in technique.columns} if technique else set()
+            fields = schema.assemble_row(protocol, dict(setting.params), measured, compressed.fields, quality, declared)
             fields.setdefault("size_bytes", fields["size_dense_bytes"])
             self.save_per_image(setting, per_image)
             if is_baseline:
@@ -233,16 +234,34 @@ class Runner:
             self.sd.model.swap_unet(self.base_unet)
 
     def save_images(self, setting: Setting, images: list[np.ndarray]) -> None:
+        """PNGs and a grid, each written atomically (another agent may be reading the baseline's)."""
         folder = self.plan.run_dir / "images" / setting.slug
         folder.mkdir(parents=True, exist_ok=True)
         pil = [Image.fromarray(a) for a in images]
         for i, image in enumerate(pil):
-            image.save(folder / f"{i:04d}.png")
-        report.make_grid(pil, cols=min(8, len(pil))).save(self.plan.run_dir / "images" / f"{setting.slug}-grid.png")
+            write_atomic(folder / f"{i:04d}.png", _png(image))
+        grid = report.make_grid(pil, cols=min(8, len(pil)))
+        write_atomic(self.plan.run_dir / "images" / f"{setting.slug}-grid.png", _png(grid))
 
-    def load_images(self, setting: Setting) -> list[np.ndarray]:
+    def load_images(self, setting: Setting) -> list[np.ndarray] | None:
+        """The saved images of a finished setting; None when some are missing or unreadable."""
         folder = self.plan.run_dir / "images" / setting.slug
-        return [np.asarray(Image.open(folder / f"{i:04d}.png").convert("RGB")) for i in range(len(self.plan.prompts))]
+        try:
+            return [
+                np.asarray(Image.open(folder / f"{i:04d}.png").convert("RGB")) for i in range(len(self.plan.prompts))
+            ]
+        except (OSError, ValueError) as e:  # deleted, truncated (PIL raises OSError), not an image
+            log.warning("%s: images unreadable (%s); sampling them again (the row is kept)", folder, first_line(e))
+            return None
+
+    def baseline_images(self, setting: Setting) -> list[np.ndarray]:
+        """The finished baseline's images, resampled (same seeds, same pixels) if they were lost."""
+        images = self.load_images(setting)
+        if images is None:
+            images = self.sample(self.plan.prompts, self.plan.seeds, desc="baseline (again)").images
+            if self.main:
+                self.save_images(setting, images)
+        return images
 
     # -- the sweep --------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -257,20 +276,45 @@ class Runner:
             for hint in [metric.unavailable()] if metric.unavailable() else metric.hints():
                 log.warning("%s: column(s) left empty: %s", metric.name, hint)
         for setting in tqdm(plan.settings, desc="sweep", disable=not self.main):
-            if setting.id in done:
-                if setting.technique == "baseline":
-                    self.baseline = self.load_images(setting)
-                    if self.main:
-                        self.baseline_per_image = self.load_baseline_per_image(setting)
+            if setting.technique == BASELINE and setting.id in done:
+                self.baseline = self.baseline_images(setting)
+                if self.main:
+                    self.baseline_per_image = self.load_baseline_per_image(setting)
                 continue
+            if setting.id in done or (self.state.num_processes == 1 and setting.id in results.finished()):
+                continue  # finished before, or meanwhile by another agent (sharded runs decide once, together)
             self.run_setting(setting, results)
             self.state.wait_for_everyone()
         if self.main:
-            rows = report.read_rows(results.path)
-            plots = report.write_report(plan.run_dir, rows)
-            plan.finish(rows, plots)
+            with results.lock:  # agents into one folder: one report at a time, from all rows
+                self.report(results)
         self.state.wait_for_everyone()
         return plan.run_dir
+
+    def report(self, results: ResultsFile) -> None:
+        """Plots, W&B sweep files (spread settings over machines) and the W&B run, from the finished CSV."""
+        plan, o = self.plan, self.plan.options
+        rows = results.rows()
+        plots = report.write_report(plan.run_dir, rows)
+        for name in plan.techniques if not o.only else []:  # an agent's --setting must not shrink the grid
+            ids = [s.id for s in plan.settings if s.technique == name]
+            if ids:
+                path = plan.run_dir / f"wandb_sweep_{name}.yaml"
+                wandb_report.write_wandb_sweep(path, name, {"setting": ids}, agent_args(o, plan.run_id))
+        grids = {s.id: plan.run_dir / "images" / f"{s.slug}-grid.png" for s in plan.settings}
+        if o.wandb_mode != "disabled":
+            where = wandb_report.log_wandb(
+                plan.run_dir, o.wandb_project, o.wandb_mode, plan.manifest(), rows,
+                {k: v for k, v in grids.items() if v.exists()}, plots, plan.run_id,
+            )  # fmt: skip
+            log.info("W&B run (%s): %s", o.wandb_mode, where)
+        log.info("results: %s", results.path)
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def set_threads(state: PartialState) -> None:

@@ -1,7 +1,8 @@
 """The `results.csv` schema: one row per sweep setting, a fixed column order documented in README.
 
 Empty cells mean "not measured" (e.g. FID without Inception weights), never zero. Technique fields that
-have no column of their own land in `extra` (JSON).
+have no column of their own land in `extra` (JSON). The runner's own columns are declared here; technique
+and metric columns are declared by each technique and metric (`bench.registry`).
 """
 
 from __future__ import annotations
@@ -10,100 +11,123 @@ import csv
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
-from .metrics.base import interval_columns
+from .registry import METRICS, TECHNIQUES, Column
 
-_HEADS = ("shape", "colour", "size", "count", "position", "background")
-
-
-def _ci(column: str, what: str, paired: bool) -> list[tuple[str, str]]:
-    """The interval (and paired-test) columns of one per-image metric column, with their meanings."""
-    meanings = [f"95% {what} interval, low", f"95% {what} interval, high"]
-    meanings += ["paired test vs the FP32 baseline's images (same seeds): two-sided p; < 0.05 lands in `differs`"]
-    return list(zip(interval_columns(column, paired), meanings, strict=False))
-
-
-# (column, meaning) in CSV order.
-COLUMNS: list[tuple[str, str]] = [
-    ("run_id", "results/<run_id>/ this row belongs to"),
-    ("setting_id", "unique id of the setting, e.g. prune[method=l1,ratio=0.3,scope=global,target=all]"),
-    ("technique", "baseline, prune, quant, onnx"),
-    ("params", "the setting's parameters (JSON)"),
-    ("backend", "pytorch or onnxruntime"),
-    ("kernels", "what really ran: dense fp32, int8, int8-weight-only, int4..., or simulated (fake quant)"),
-    ("status", "ok, or nonfinite (NaN/Inf in some outputs; the sweep goes on)"),
+# Columns the runner fills, in CSV order: identity and protocol first, cost last. Technique and metric
+# columns come from the registries and sit between them (`columns()`).
+HEAD: tuple[Column, ...] = (
+    Column("run_id", "results/<run_id>/ this row belongs to", plot=False),
+    Column("setting_id", "unique id of the setting, e.g. prune[method=l1,ratio=0.3,scope=global,target=all]",
+           plot=False),
+    Column("technique", "baseline or a technique name (see Techniques)", plot=False),
+    Column("params", "the setting's parameters (JSON)", plot=False),
+    Column("backend", "pytorch or onnxruntime", plot=False),
+    Column("kernels", "what really ran: dense fp32, int8, int8-weight-only, int4..., or simulated (fake quant)",
+           plot=False),
+    Column("dtype", "pipeline dtype (fp32, fp16, bf16): what the uncompressed parts and the baseline ran in",
+           plot=False),
+    Column("status", "ok, or nonfinite (NaN/Inf in some outputs; the sweep goes on; quality columns left empty)",
+           plot=False),
     # protocol: every quality number carries how it was made
-    ("model", "preset name and checkpoint file"),
-    ("n_images", "images generated for this setting (same prompts and seeds in every row)"),
-    ("resolution", "WxH pixels"),
-    ("sampler", "sampler name"),
-    ("steps", "sampling steps"),
-    ("guidance", "classifier-free guidance scale"),
-    ("seed", "seed of image 0; image i uses seed + i"),
-    ("prompts", "prompt set and its sha256 prefix"),
-    ("protocol", "--protocol preset (bench/protocols.py), +overrides(...) when options departed from it"),
-    # technique fields
-    ("ratio", "pruning ratio asked for"),
-    ("sparsity", "measured fraction of zeros among the targeted weights"),
-    ("sparsity_unet", "measured fraction of zeros among all UNet Linear/Conv weights"),
-    ("mode", "quantization mode"),
-    ("bits_weights", "weight bit width (empty = fp32)"),
-    ("bits_activations", "activation bit width (empty = fp32)"),
-    ("calib_prompts", "calibration prompts used"),
-    ("weight_error_max_rel", "max over layers of max|w - deq(q(w))| / max|w|"),
-    # fidelity to the uncompressed model (same prompts and seeds): the primary quality signal
-    ("psnr", "dB vs the FP32 baseline images (mean over images)"),
-    *_ci("psnr", "bootstrap (images)", False),
-    ("ssim", "SSIM vs the FP32 baseline images"),
-    *_ci("ssim", "bootstrap (images)", False),
-    ("lpips", "LPIPS vs the FP32 baseline images (empty without backbone weights)"),
-    ("mse", "pixel MSE vs baseline, [0,1] range"),
-    # distribution / text alignment
-    ("fid", "FID vs the reference set (empty without Inception weights); small N is biased and noisy"),
-    ("fid_ci_low", "bootstrap 95% CI, low"),
-    ("fid_ci_high", "bootstrap 95% CI, high"),
-    ("fid_n", "generated images in the FID"),
-    ("fid_features", "feature extractor and weights sha256 prefix"),
-    ("clip_score", "100 * cos(image, text), torchmetrics semantics (empty without CLIP weights)"),
-    *_ci("clip_score", "bootstrap (images)", True),
-    ("clip_score_std", "std over images"),
-    ("clip_model", "open_clip model and weights sha256 prefix"),
-    # in-domain stand-ins from the built-in shapes dataset (issue #6): need no download
-    ("prompt_accuracy", "images whose shapes-classifier attributes all match the prompt (chance 1/1800)"),
-    *_ci("prompt_accuracy", "Wilson", True),
-    *[
-        c
-        for h in _HEADS
-        for c in [
-            (f"prompt_acc_{h}", f"prompt accuracy of the {h} attribute alone"),
-            *_ci(f"prompt_acc_{h}", "Wilson", True),
-        ]
-    ],
-    ("prompt_acc_n", "prompts parsed as shapes captions"),
-    ("shapes_fid", "FID on shapes-classifier features vs held-out generator images (not comparable with FID)"),
-    ("shapes_fid_ci_low", "bootstrap 95% CI, low"),
-    ("shapes_fid_ci_high", "bootstrap 95% CI, high"),
-    ("shapes_fid_n", "generated images in the shapes-FID"),
-    ("shapes_fid_features", "shapes-classifier weights sha256 prefix"),
-    ("differs", "metrics whose paired test vs FP32 gives p < 0.05 (comma list; empty: none detected)"),
-    ("in_accuracy_window", "True/False: FID and CLIP score inside --accuracy-window / --clip-window (empty: no gate)"),
-    # cost
-    ("latency_step_p50_ms", "one UNet call (batch 2 = one image with guidance), median after warmup"),
-    ("latency_step_p90_ms", "90th percentile of the same"),
-    ("latency_image_p50_s", "one whole image (text encoder, all steps, VAE decode), median"),
-    ("latency_image_p90_s", "90th percentile of the same"),
-    ("peak_rss_mb", "peak resident memory of the process while sampling this setting"),
-    ("unet_params", "UNet parameters"),
-    ("nonzeros", "non-zero UNet parameters"),
-    ("size_bytes", "UNet size on disk in this setting's storage format"),
-    ("size_dense_bytes", "UNet size on disk as dense safetensors"),
-    ("gflops_per_step", "GFLOPs of one UNet call (torch FlopCounterMode; dense count)"),
-    ("nonfinite_images", "images with NaN/Inf"),
-    ("extra", "other technique fields (JSON)"),
-]
-COLUMN_NAMES = [name for name, _ in COLUMNS]
+    Column("model", "preset name and checkpoint file", plot=False),
+    Column("n_images", "images generated for this setting (same prompts and seeds in every row)", plot=False),
+    Column("resolution", "WxH pixels", plot=False),
+    Column("sampler", "sampler name", plot=False),
+    Column("steps", "sampling steps", plot=False),
+    Column("guidance", "classifier-free guidance scale", plot=False),
+    Column("seed", "seed of image 0; image i uses seed + i", plot=False),
+    Column("prompts", "prompt set and its sha256 prefix", plot=False),
+    Column("protocol", "--protocol preset (bench/protocols.py), +overrides(...) when options departed from it",
+           plot=False),
+)  # fmt: skip
+# The runner's verdicts over all metric columns (after them): paired tests and the accuracy gate.
+VERDICT: tuple[Column, ...] = (
+    Column("differs", "metrics whose paired test vs FP32 gives p < 0.05 (comma list; empty: none detected)",
+           plot=False),
+    Column("in_accuracy_window",
+           "True/False: FID and CLIP score inside --accuracy-window / --clip-window (empty: no gate)", plot=False),
+)  # fmt: skip
+COST: tuple[Column, ...] = (
+    Column("latency_step_p50_ms", "one UNet call (batch 2 = one image with guidance), median after warmup",
+           label="UNet step latency p50 (ms)", better="lower"),
+    Column("latency_step_p90_ms", "90th percentile of the same", label="UNet step latency p90 (ms)", better="lower"),
+    Column("latency_image_p50_s", "one whole image (text encoder, all steps, VAE decode), median",
+           label="image latency p50 (s)", better="lower"),
+    Column("latency_image_p90_s", "90th percentile of the same", label="image latency p90 (s)", better="lower"),
+    Column("peak_rss_mb", "peak resident memory of the process while sampling this setting", label="peak RSS (MB)",
+           better="lower"),
+    Column("unet_params", "UNet parameters", plot=False),
+    Column("nonzeros", "non-zero UNet parameters", label="non-zero UNet parameters (M)", scale=1e-6),
+    Column("size_bytes", "UNet size on disk in this setting's storage format", label="UNet size on disk (MB)",
+           better="lower", scale=1e-6),
+    Column("size_dense_bytes", "UNet size on disk as dense safetensors", label="UNet dense size on disk (MB)",
+           plot=False, scale=1e-6),
+    Column("gflops_per_step", "GFLOPs of one UNet call (torch FlopCounterMode; dense count)",
+           label="GFLOPs per UNet call"),
+    Column("nonfinite_images", "images with NaN/Inf", label="images with NaN/Inf", better="lower"),
+    Column("extra", "other technique fields (JSON)", plot=False),
+)  # fmt: skip
+CORE = {c.name: c for c in (*HEAD, *VERDICT, *COST)}
+# Core columns a technique may set without declaring them: they say what it ran and how it is stored.
+TECHNIQUE_SET = frozenset({"backend", "kernels", "size_bytes"})
+
+
+def columns() -> list[Column]:
+    """Every results.csv column in order: head, technique columns (registry order), metric columns, verdicts, cost.
+
+    A column declared by several techniques appears once (the first declaration); a technique's
+    declaration of a core column only lets it overwrite that column (see `runner.assemble_row`).
+    """
+    out = {c.name: c for c in HEAD}
+    for technique in TECHNIQUES.classes():
+        for c in technique.columns:
+            if c.name not in CORE:
+                out.setdefault(c.name, c)
+    for metric in METRICS.classes():
+        for c in metric.columns:
+            out.setdefault(c.name, c)
+    out.update((c.name, c) for c in (*VERDICT, *COST))
+    return list(out.values())
+
+
+def column_names() -> list[str]:
+    return [c.name for c in columns()]
+
+
+def column(name: str) -> Column | None:
+    return next((c for c in columns() if c.name == name), None)
+
+
+def __getattr__(name: str) -> Any:
+    """`COLUMNS` ((name, meaning) pairs) and `COLUMN_NAMES`, computed from the registries on each access."""
+    if name == "COLUMNS":
+        return [(c.name, c.meaning) for c in columns()]
+    if name == "COLUMN_NAMES":
+        return column_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def assemble_row(
+    protocol: Mapping[str, Any],
+    params: Mapping[str, Any],
+    cost: Mapping[str, Any],
+    technique: Mapping[str, Any],
+    quality: Mapping[str, Any],
+    declared: Collection[str] = (),
+) -> dict[str, Any]:
+    """One row's values with explicit precedence: protocol < params < cost < technique fields < quality.
+
+    A technique field may overwrite a runner column (protocol, cost) only if the technique declares that
+    column (or it is one every technique may set: backend, kernels, size_bytes); anything else is a bug
+    in the technique, not a silent override.
+    """
+    guarded = (set(protocol) | set(cost) | set(CORE)) - TECHNIQUE_SET - set(declared)
+    if clash := sorted(k for k in technique if k in guarded):
+        raise ValueError(f"technique fields {clash} would overwrite runner columns; declare them in its `columns`")
+    return {**protocol, **params, **cost, **technique, **quality}
 
 
 def _cell(value: Any) -> str:
@@ -115,12 +139,12 @@ def _cell(value: Any) -> str:
         return repr(value) if not math.isinf(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, sort_keys=True)
-    return str(value)
+    return " ".join(str(value).splitlines())  # one row per line: what lets a resume read row by row
 
 
 def make_row(values: Mapping[str, Any]) -> dict[str, str]:
     """Known keys go to their column, unknown ones into `extra`; every value becomes a CSV string."""
-    row = {name: "" for name in COLUMN_NAMES}
+    row = {name: "" for name in column_names()}
     extra = {}
     for key, value in values.items():
         if key in row and key != "extra":
@@ -134,12 +158,12 @@ def make_row(values: Mapping[str, Any]) -> dict[str, str]:
 def row_line(row: Mapping[str, str]) -> str:
     """One complete CSV line (written with a single write call, so a kill cannot split it)."""
     buf = io.StringIO()
-    csv.DictWriter(buf, fieldnames=COLUMN_NAMES, lineterminator="\n").writerow(row)
+    csv.DictWriter(buf, fieldnames=column_names(), lineterminator="\n").writerow(row)
     return buf.getvalue()
 
 
 def header_line() -> str:
-    return ",".join(COLUMN_NAMES) + "\n"
+    return ",".join(column_names()) + "\n"
 
 
 def parse_float(cell: str) -> float | None:

@@ -10,41 +10,36 @@ import hashlib
 import json
 import logging
 import platform
-import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, field
-from importlib import metadata
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stable_diffusion.checkpoint import load_unet_into
 from stable_diffusion.defaults import REPO_ROOT, embedded_checkpoint
 from stable_diffusion.errors import InputError
-from stable_diffusion.pipeline import StableDiffusion
+from stable_diffusion.pipeline import load_pipeline
 
-from . import protocols, report
-from .data import COCO_DIR, PromptSet, ReferenceSet, file_sha256, load_prompts, load_reference, shapes_set
+from . import protocols
+from .data import COCO_DIR, PromptSet, ReferenceSet, file_sha256, load_prompts, load_reference, prompts_key, shapes_set
+from .manifest import git_sha, versions
 from .metrics.base import Metric
-from .techniques import technique_class
-from .techniques.base import Setting, Technique, parse_axis, parse_setting_id
+from .modifiers.base import expand, modifier_axes, technique_setting
+from .registry import METRICS, TECHNIQUES
+from .results import run_lock, update_manifest
+from .techniques.base import BASELINE, Setting, Technique, parse_setting_id
 
 log = logging.getLogger(__name__)
 
-ALL_TECHNIQUES = ["prune", "quant", "onnx"]
-PACKAGES = [
-    "torch",
-    "diffusers",
-    "transformers",
-    "torchmetrics",
-    "open_clip_torch",
-    "onnxruntime",
-    "accelerate",
-    "wandb",
-]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# SweepOptions fields of the first version: they stay in the digest as they were, so run folders made then
+# still resume; options added since enter it only when set to something other than their default.
+DIGEST_V1 = {
+    "techniques", "axes", "checkpoint", "config", "unet", "unsafe_load", "dtype", "device", "prompts", "num_images",
+    "steps", "sampler", "guidance", "seed", "resolution", "only", "reference", "reference_captions", "fid_weights",
+    "clip_weights", "clip_model", "lpips_weights", "allow_download", "latency_repeats",
+}  # fmt: skip
+RESOLVED = {"height", "width"}  # SweepOptions fields the plan fills in (not options: not in the digest)
 
 
 @dataclass
@@ -85,6 +80,8 @@ class SweepOptions:
     latency_repeats: int = 5
     wandb_project: str = "sdbench"
     wandb_mode: str = "offline"
+    height: int | None = None  # resolved by the plan: --resolution or the preset's
+    width: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_images < 1:
@@ -93,93 +90,74 @@ class SweepOptions:
             raise InputError(f"--latency-repeats must be >= 1, got {self.latency_repeats}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise InputError(f"--wandb-mode must be offline, online or disabled, got {self.wandb_mode!r}")
+        if self.run_id is not None and (self.run_id in ("", ".", "..") or any(c in self.run_id for c in "/\\\0")):
+            raise InputError(f"--run-id {self.run_id!r} must be a plain folder name inside --out (no '/', no '..')")
 
-    def digest(self, model_id: str, with_settings: bool = True) -> str:
+    def digest(
+        self, model_id: str, with_settings: bool = True, default_resolution: tuple[int, int] | None = None
+    ) -> str:
         """Hash of everything that changes the rows (not output location, W&B or resume flags).
 
         Without settings it is the protocol digest: rows of several sweeps may share one run folder
-        (`--run-id`, e.g. W&B sweep agents) only when they share the protocol.
+        (`--run-id`, e.g. W&B sweep agents, each with its own `--setting`) only when they share the protocol.
         """
-        skip = {"out", "run_id", "resume", "wandb_project", "wandb_mode"}
+        skip = {"out", "run_id", "resume", "wandb_project", "wandb_mode", *RESOLVED}
         if not with_settings:
             skip |= {"techniques", "axes"}
-        keep = {k: v for k, v in asdict(self).items() if k not in skip}
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        keep = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in skip and (k in DIGEST_V1 or v != defaults.get(k))  # a new option at its default: as before
+        }
+        if not with_settings:
+            keep["only"] = []  # which rows (an agent's --setting), not how they are made
+        if self.height is not None and default_resolution is not None:  # the preset's size given or not: one protocol
+            given = (self.height, self.width)
+            keep["resolution"] = None if given == default_resolution else list(given)
+        if "prompts" in keep:  # the prompt set's meaning, spelled as the first version did where it had one
+            keep["prompts"] = prompts_key(self.prompts)
         keep["model"] = model_id
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def build_metrics(o: SweepOptions, reference: ReferenceSet) -> list[Metric]:
+    """Every registered metric, configured from the options."""
+    return [cls.from_options(o, reference) for cls in METRICS.classes()]
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def build_metrics(o: SweepOptions, reference: ReferenceSet, size: tuple[int, int]) -> list[Metric]:
-    from .metrics.clip_score import CLIPScore
-    from .metrics.fid import FID
-    from .metrics.fidelity import Fidelity
-    from .metrics.shapes import PromptAccuracy, shapes_fid
-
-    cache = REPO_ROOT / "data" / "cache" / "fid"
-    _, split, seed = shapes_set(o.prompts) or shapes_set("shapes-heldout")  # shapes-FID vs the prompts' own scenes
-    return [
-        Fidelity(lpips_weights=o.lpips_weights, allow_download=o.allow_download),
-        FID(
-            weights_path=o.fid_weights,
-            reference=reference,
-            cache_dir=cache,
-            allow_download=o.allow_download,
-            resize=o.fid_size,
-        ),
-        CLIPScore(
-            model_name=o.clip_model,
-            weights_path=o.clip_weights,
-            allow_download=o.allow_download,
-            download_tag=o.clip_tag,
-            quick_gelu=o.clip_quick_gelu,
-        ),
-        PromptAccuracy(),
-        shapes_fid(n_reference=256, split=split, seed=seed, cache_dir=cache),
-    ]
-
-
-def _parse_axis(technique: Technique, axis: str, value: str) -> list[Any]:
-    if axis not in technique.axes:
-        raise InputError(f"{technique.name} has no parameter {axis!r}; it has: {', '.join(technique.axes)}")
-    return parse_axis(axis, value, technique.axes[axis][1])
+def technique_settings(technique: Technique, axes: dict[str, list[Any]]) -> list[Setting]:
+    """The technique's settings for the axis values it has, crossed with the given modifier values."""
+    own = {a.name for a in technique.axes}
+    return expand(technique.settings({k: v for k, v in axes.items() if k in own}), technique, axes)
 
 
 class SweepPlan:
-    """Everything resolved before the first row: model, prompts, settings, metrics, run folder."""
+    """Everything resolved before the first row: settings, model, resolution, prompts, metrics, run folder.
+
+    It plots nothing and logs nothing to W&B: the runner reports at the end (`Runner.report`).
+    """
 
     def __init__(self, options: SweepOptions, device: torch.device | str | None = None, is_main: bool = True) -> None:
         o = self.options = options
-        self.techniques: dict[str, Technique] = {name: technique_class(name)() for name in o.techniques}
-        self.settings = [Setting("baseline")]
+        self.techniques: dict[str, Technique] = {name: TECHNIQUES.get(name)() for name in o.techniques}
+        device = device or o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.settings = [Setting(BASELINE)]
         if o.only:
-            self.settings += [self._one_setting(text) for text in o.only if text != "baseline"]
+            self.settings += [self._one_setting(text) for text in o.only if text != BASELINE]
         for technique in self.techniques.values() if not o.only else []:
-            given = {k: v for k, v in o.axes.items() if k in technique.axes}
-            self.settings += [s for s in technique.settings(given) if s.id not in {x.id for x in self.settings}]
+            for s in technique_settings(technique, o.axes):
+                if s.id not in {x.id for x in self.settings} and not self._skipped(s, device):
+                    self.settings.append(s)
 
         if o.protocol:  # a preset's missing input fails here, before the model loads
             protocols.check_inputs(o.protocol, o.reference, o.fid_weights, o.clip_weights, o.allow_download)
-        self.checkpoint = o.checkpoint or embedded_checkpoint()
-        self.pipeline = self._load_model(device or o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.checkpoint = Path(o.checkpoint or embedded_checkpoint())
+        self.pipeline = load_pipeline(self.checkpoint, o.config, o.unet, o.dtype, device, o.unsafe_load)
         cfg = self.pipeline.cfg
-        o.height, o.width = o.resolution or (cfg.resolution, cfg.resolution)
+        self.default_resolution = (cfg.resolution, cfg.resolution)
+        o.height, o.width = o.resolution or self.default_resolution
+        self.pipeline.check(steps=o.steps, guidance=o.guidance, height=o.height, width=o.width, sampler=o.sampler)
 
         self.reference = load_reference(
             o.reference or COCO_DIR / "images", o.reference_captions, require_captions=not o.protocol
@@ -197,18 +175,21 @@ class SweepPlan:
         # a preset's reference folder has no captions: calibrate on the shipped COCO subset's second captions
         calib_reference = self.reference if all(self.reference.captions) else None
         self.calibration_prompts = load_prompts(calib_source, calib_reference, caption_index=1).prompts[:n_calib]
-        self.metrics = build_metrics(o, self.reference, (o.height, o.width))
+        self.metrics = build_metrics(o, self.reference)
+        for metric in self.metrics:
+            metric.prepare()  # bad weights fail here (exit 2), before anything is sampled or written
 
         self.model_sha256 = file_sha256(self.checkpoint)
-        self.data_id = f"{self.model_sha256}:{prompt_set.sha256}"  # the prompts' content, not only their name
-        self.run_id = o.run_id or f"{'+'.join(o.techniques)}-{cfg.name}-{o.digest(self.data_id)}"
+        run_digest = o.digest(self.model_sha256, default_resolution=self.default_resolution)
+        self.run_id = o.run_id or f"{'+'.join(o.techniques)}-{cfg.name}-{run_digest}"
         self.run_dir = o.out / self.run_id
         try:
             (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"cannot write to output folder {self.run_dir}: {e}; pass a writable --out") from None
         if is_main:
-            self._write_manifest()
+            with run_lock(self.run_dir):
+                update_manifest(self.run_dir / "manifest.json", self.manifest())
 
     def _one_setting(self, text: str) -> Setting:
         """The setting a `--setting ID` names, rebuilt through its technique (so it is validated)."""
@@ -216,48 +197,57 @@ class SweepPlan:
         if name not in self.techniques:
             raise InputError(f"--setting {text!r} is not a setting of --sweep {','.join(self.techniques)}")
         technique = self.techniques[name]
-        axes = {k: _parse_axis(technique, k, v) for k, v in raw.items()}
-        match = [s for s in technique.settings(axes) if s.id == text]
+        known = {a.name: a for a in technique.axes} | modifier_axes()
+        if unknown := set(raw) - set(known):
+            raise InputError(f"{name} has no parameter {sorted(unknown)}; it has: {', '.join(known)}")
+        axes = {k: known[k].values(v) for k, v in raw.items()}
+        match = [s for s in technique_settings(technique, axes) if s.id == text]
         if not match:
             raise InputError(f"--setting {text!r} is not a valid {name} setting")
+        for axis, value in match[0].params.items():  # axes given for this sweep bound what --setting may ask
+            given = self.options.axes.get(axis)
+            if axis in {a.name for a in technique.axes} and given is not None and value not in given:
+                raise InputError(f"--setting {text!r}: {axis}={value} is outside this sweep's {axis} {given}")
         return match[0]
 
-    def _load_model(self, device: torch.device | str) -> StableDiffusion:
-        o = self.options
-        from stable_diffusion.config import get_config
+    def _skipped(self, setting: Setting, device: torch.device | str) -> bool:
+        """A setting its technique cannot run on this device is left out of the plan, with the reason."""
+        reason = self.techniques[setting.technique].unsupported(technique_setting(setting), device)
+        if reason:
+            log.warning("skipping %s: %s", setting.id, reason)
+        return reason is not None
 
-        if o.dtype not in DTYPES:
-            raise InputError(f"unknown dtype {o.dtype!r}; choose from {', '.join(DTYPES)}")
-        cfg = get_config(o.config) if o.config else None
-        sd = StableDiffusion.from_checkpoint(
-            self.checkpoint, cfg, dtype=DTYPES[o.dtype], device=device, unsafe=o.unsafe_load
-        )
-        if o.unet:
-            load_unet_into(sd.model, o.unet, unsafe=o.unsafe_load)
-        return sd
-
-    def row_protocol(self) -> dict[str, Any]:
+    def sampling(self) -> dict[str, Any]:
+        """Sampling options of every image (a row's `Compressed.sampling` may override some)."""
         o = self.options
+        return {"steps": o.steps, "sampler": o.sampler, "guidance": o.guidance, "height": o.height, "width": o.width}
+
+    def row_protocol(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The protocol columns of a row sampled with these overrides of `sampling()`."""
+        s = {**self.sampling(), **(overrides or {})}
         return {
             "model": f"{self.pipeline.cfg.name}:{self.checkpoint.name}",
-            "n_images": o.num_images,
-            "resolution": f"{o.width}x{o.height}",
-            "sampler": o.sampler,
-            "steps": o.steps,
-            "guidance": o.guidance,
-            "seed": o.seed,
+            "n_images": self.options.num_images,
+            "resolution": f"{s['width']}x{s['height']}",
+            "sampler": s["sampler"],
+            "steps": s["steps"],
+            "guidance": s["guidance"],
+            "seed": self.options.seed,
             "prompts": self.prompt_set.describe(),
-            "protocol": protocols.label(o.protocol, o.protocol_overrides),
+            "dtype": self.options.dtype,
+            "protocol": protocols.label(self.options.protocol, self.options.protocol_overrides),
         }
 
     def manifest(self) -> dict[str, Any]:
         o = self.options
         return {
             "run_id": self.run_id,
-            "protocol_digest": o.digest(self.data_id, with_settings=False),
+            "protocol_digest": o.digest(
+                self.model_sha256, with_settings=False, default_resolution=self.default_resolution
+            ),
             "command": sys.argv,
-            "git_sha": _git_sha(),
-            "versions": _versions(),
+            "git_sha": git_sha(),
+            "versions": versions(),
             "host": {"platform": platform.platform(), "threads": torch.get_num_threads()},
             "model": {"preset": self.pipeline.cfg.name, "file": str(self.checkpoint), "sha256": self.model_sha256},
             "protocol": self.row_protocol(),
@@ -271,48 +261,3 @@ class SweepPlan:
             "options": json.loads(json.dumps(asdict(o), default=str)),
             "settings": [s.id for s in self.settings],
         }
-
-    def _write_manifest(self) -> None:
-        path = self.run_dir / "manifest.json"
-        data = self.manifest()
-        if path.exists():
-            old = json.loads(path.read_text())
-            if old.get("protocol_digest") != data["protocol_digest"]:
-                raise InputError(
-                    f"{self.run_dir} holds a sweep with another protocol (model, prompts, sampler, steps, seed, "
-                    "metrics...); use another --run-id or --out"
-                )
-            data["started"] = old.get("started")
-            data["resumed"] = [*old.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S")]
-        else:
-            data["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        path.write_text(json.dumps(data, indent=2, default=str))
-
-    def finish(self, rows: list[dict[str, str]], plots: list[Path]) -> None:
-        """W&B run (offline by default), W&B sweep configs for spreading settings over machines."""
-        o = self.options
-        for name in self.techniques:
-            ids = [s.id for s in self.settings if s.technique == name]
-            if ids:
-                path = self.run_dir / f"wandb_sweep_{name}.yaml"
-                report.write_wandb_sweep(path, name, {"setting": ids}, self.base_args())
-        grids = {s.id: self.run_dir / "images" / f"{s.slug}-grid.png" for s in self.settings}
-        if o.wandb_mode != "disabled":
-            where = report.log_wandb(
-                self.run_dir, o.wandb_project, o.wandb_mode, self.manifest(), rows,
-                {k: v for k, v in grids.items() if v.exists()}, plots, self.run_id,
-            )  # fmt: skip
-            log.info("W&B run (%s): %s", o.wandb_mode, where)
-        log.info("results: %s", self.run_dir / "results.csv")
-
-    def base_args(self) -> list[str]:
-        """CLI flags that reproduce this sweep's protocol (for W&B sweep agents)."""
-        o = self.options
-        args = ["--num-images", str(o.num_images), "--steps", str(o.steps), "--sampler", o.sampler]
-        args += ["--guidance", str(o.guidance), "--seed", str(o.seed), "--prompts", o.prompts]
-        args += ["--resolution", f"{o.width}x{o.height}", "--run-id", self.run_id]
-        if o.checkpoint:
-            args += ["--checkpoint", str(o.checkpoint)]
-        if o.protocol:
-            args += ["--protocol", o.protocol]
-        return args

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import PRESETS, SDConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .model import COMPONENT_PREFIXES, LatentDiffusion
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,9 @@ KNOWN_METADATA_GLOBALS = [
 
 
 def _fail(path: Path, what: str, hint: str = "") -> CheckpointError:
-    return CheckpointError(f"cannot load checkpoint {path}: {what}" + (f"\n{hint}" if hint else ""))
+    error = CheckpointError(f"cannot load checkpoint {path}: {what}" + (f"\n{hint}" if hint else ""))
+    error.reason = what  # type: ignore[attr-defined]  # the bare reason, for safe_load's one-line message
+    return error
 
 
 def _sniff(path: Path) -> str:
@@ -149,13 +151,7 @@ def _read_pickle(path: Path, kind: str, unsafe: bool) -> object:
 def read_state_dict(path: str | Path, unsafe: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a `.ckpt`/`.safetensors` file, as stored (the `state_dict` entry of a Lightning file)."""
     path = Path(path)
-    if not path.exists():
-        raise _fail(path, "no such file", "Pass --checkpoint PATH to a v1 .ckpt/.safetensors file, or omit it.")
-    if not path.is_file():
-        raise _fail(path, "not a file")
-    if path.stat().st_size == 0:
-        raise _fail(path, "the file is empty")
-    kind = _sniff(path)
+    kind = _checked_file(path)
     if kind == "safetensors":
         return _read_safetensors(path)
     obj = _read_pickle(path, kind, unsafe)
@@ -163,6 +159,45 @@ def read_state_dict(path: str | Path, unsafe: bool = False) -> dict[str, torch.T
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise _fail(path, f"expected a dict of tensors, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _checked_file(path: Path) -> str:
+    """The file's kind ('safetensors', 'zip', 'legacy'); a missing, non-file or empty path raises."""
+    if not path.exists():
+        raise _fail(path, "no such file", "Pass --checkpoint PATH to a v1 .ckpt/.safetensors file, or omit it.")
+    if not path.is_file():
+        raise _fail(path, "not a file")
+    if path.stat().st_size == 0:
+        raise _fail(path, "the file is empty")
+    return _sniff(path)
+
+
+def safe_load_object(path: str | Path, what: str = "weights file") -> object:
+    """A torch.save file's object with `weights_only=True` (tensors, containers, numbers): never runs code.
+
+    For state that is more than a flat dict of tensors (training resume state). A file that needs code to
+    unpickle, or is no torch file at all, raises one-line InputError naming `what` and the file.
+    """
+    path = Path(path)
+    try:
+        kind = _checked_file(path)
+        if kind == "safetensors":
+            return _read_safetensors(path)
+        return _read_pickle(path, kind, unsafe=False)
+    except CheckpointError as e:
+        raise InputError(f"{what} {path}: {getattr(e, 'reason', e)}") from None
+
+
+def safe_load(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """The one loader of every weight file (metric backbones, UNets, caches): safetensors, or torch.load
+    with weights_only=True, so a pickle whose payload runs code is refused (InputError) and never executed.
+    """
+    obj = safe_load_object(path, what)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise InputError(f"{what} {path}: expected a dict of tensors, found {type(obj).__name__}")
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 

@@ -15,3 +15,9 @@ class CheckpointError(SDBenchError):
 
 class InputError(SDBenchError):
     """A bad generation or sweep option (steps, guidance, image size, ratios, ...)."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first message line (its type name when it has no message): for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model
-from .config import SDConfig
-from .errors import InputError
+from .checkpoint import load_model, load_unet_into
+from .config import SDConfig, get_config
+from .errors import InputError, first_line
 from .model import LatentDiffusion
 from .samplers import make_sampler
 from .tokenizer import CLIPTokenizer
@@ -37,12 +37,11 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
 def load_image(image: str | Path | Image.Image) -> torch.Tensor:
     """An RGB image as a [1, 3, H, W] tensor in [-1, 1]."""
-    if not isinstance(image, Image.Image):
-        try:
-            image = Image.open(image)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read init image {image}: {e}") from None
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    try:  # PIL decodes lazily: a truncated file or one over its pixel limit fails in convert()
+        rgb = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot read init image {image}: {first_line(e)}") from None
+    arr = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)[None]
 
 
@@ -67,6 +66,11 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         return self.model.text_encoder(self.tokenizer(prompts).to(self.device))
+
+    def check(self, *, steps: int, guidance: float, height: int, width: int, sampler: str) -> None:
+        """Validate sampling options without sampling: a sweep checks them before it creates its run folder."""
+        self._check(steps, guidance, height, width, 1)
+        make_sampler(sampler, self.cfg)
 
     def _check(self, steps: int, guidance: float, height: int, width: int, batch: int) -> None:
         f = self.cfg.vae.downsample * 2 ** (len(self.cfg.unet.channel_mult) - 1)  # the UNet halves latents too
@@ -112,7 +116,8 @@ class StableDiffusion:
                     f"init image is {iw}x{ih} but the resolution asked for is {width or iw}x{height or ih}"
                 )
             height, width = ih, iw
-        height, width = height or self.cfg.resolution, width or self.cfg.resolution
+        height = self.cfg.resolution if height is None else height  # 0 is an error, not "the default"
+        width = self.cfg.resolution if width is None else width
         self._check(steps, guidance, height, width, batch)
         gen = generator or torch.Generator().manual_seed(seed)
         sched = make_sampler(sampler, self.cfg, eta=eta)
@@ -153,3 +158,45 @@ class StableDiffusion:
         """Scaled latents -> pixels in [0, 1]."""
         image = self.model.vae.decode(latents / self.cfg.scale_factor)
         return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_device(name: torch.device | str) -> str:
+    """A device this machine has: cpu, or cuda[:N] when CUDA is available (not meta, not a typo)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise InputError(f"--device {name!r} cannot run the benchmark; use cpu or cuda")
+    return str(name)
+
+
+def load_pipeline(
+    checkpoint: str | Path | None = None,
+    config: str | None = None,
+    unet: str | Path | None = None,
+    dtype: str = "fp32",
+    device: torch.device | str = "cpu",
+    unsafe: bool = False,
+) -> StableDiffusion:
+    """The pipeline every command samples with: a v1 checkpoint (default: the embedded tiny model), its
+    preset (recognised from the file unless `config` names one), optionally another UNet swapped in."""
+    from .defaults import embedded_checkpoint  # defaults builds a model: imported on use
+
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    check_device(device)
+    cfg = get_config(config) if config else None
+    sd = StableDiffusion.from_checkpoint(checkpoint or embedded_checkpoint(), cfg, dtype=DTYPES[dtype], device=device,
+                                         unsafe=unsafe)  # fmt: skip
+    if unet:
+        load_unet_into(sd.model, unet, unsafe=unsafe)
+    return sd

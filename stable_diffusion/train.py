@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import save_checkpoint
+from .checkpoint import safe_load_object, save_checkpoint
 from .config import SDConfig, get_config
+from .defaults import DATA_DIR, WEIGHTS_DIR
+from .errors import InputError
 from .model import LatentDiffusion
 from .samplers import alphas_cumprod
 from .shapes import ShapesDataset
@@ -40,8 +42,7 @@ from .tokenizer import CLIPTokenizer
 
 log = logging.getLogger("stable_diffusion.train")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "data" / "weights" / "tiny-shapes.safetensors"
+DEFAULT_OUT = WEIGHTS_DIR / "tiny-shapes.safetensors"
 
 
 @dataclass
@@ -52,7 +53,7 @@ class TrainConfig:
     # 8 groups (4 channels each, as SD's 128/32) keep them. No weight shape depends on it: see the module doc.
     groups: int = 0
     out: str = str(DEFAULT_OUT)
-    work_dir: str = str(REPO_ROOT / "data" / "cache" / "train-tiny-shapes")
+    work_dir: str = str(DATA_DIR / "cache" / "train-tiny-shapes")
     seed: int = 0
     threads: int = 0  # torch threads (0 = leave as is)
     pool: int = 4096  # generator images the stages draw from (train split, indices 0..pool-1)
@@ -257,7 +258,11 @@ class Trainer:
         tmp.replace(self.state_path)
 
     def load_state(self) -> None:
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        state = safe_load_object(self.state_path, "training state")  # weights_only: a planted pickle cannot run
+        if not isinstance(state, dict):
+            raise InputError(
+                f"training state {self.state_path}: not a state dict; delete it or pass another --work-dir"
+            )
         self.model.load_state_dict(state["model"])
         self.vae_opt.load_state_dict(state["vae_opt"])
         self.unet_opt.load_state_dict(state["unet_opt"])

@@ -1,17 +1,26 @@
-"""README stays in step with the code: the CSV schema table and the CI test command."""
+"""README stays in step with the code: the generated tables (techniques, modifiers, metrics, CSV columns)
+and the CI test command."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import pytest
 
+from bench import docs
 from bench.schema import COLUMNS
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = docs.README.read_text()
 
 
 def test_readme_documents_every_csv_column_in_order():
-    documented = [line.split("`")[1] for line in README.splitlines() if line.startswith("| `")]
-    assert documented[: len(COLUMNS)] == [name for name, _ in COLUMNS]
+    table = docs.section(README, "columns")
+    assert table is not None
+    documented = [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]
+    assert documented == [name for name, _ in COLUMNS]
+
+
+@pytest.mark.parametrize("name", list(docs.SECTIONS))
+def test_generated_readme_sections_are_current(name):
+    assert docs.section(README, name) == docs.SECTIONS[name](), "stale README: run `python -m bench.docs`"
 
 
 def test_readme_holds_the_two_commands():

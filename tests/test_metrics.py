@@ -29,6 +29,7 @@ from torchvision.transforms.functional import to_pil_image
 from bench.metrics.clip_score import CLIPScore
 from bench.metrics.fid import FID
 from bench.metrics.fidelity import Fidelity
+from stable_diffusion.errors import InputError
 
 SLOW = os.environ.get("SDBENCH_SLOW_TESTS") == "1"
 PROMPTS = ["a red cube", "two blue spheres on a table", "a photo of a cat", "an empty room at night"]
@@ -210,7 +211,7 @@ def test_fid_unavailable_without_weights(tmp_path: Path, _offline_hub: Path) -> 
     assert "--fid-weights" in FID(refs, weights_path=tmp_path / "missing.pth").unavailable()  # explicit path wins
     pickled = tmp_path / "not-a-state-dict.pth"
     torch.save({"anything": Path("a")}, pickled)  # torch-fidelity would unpickle this with weights_only=False
-    with pytest.raises(ValueError, match="not a plain state dict"):
+    with pytest.raises(InputError, match="refused for safety"):  # one line, exit 2 (issue 9)
         FID(refs, weights_path=pickled).features(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
 
 

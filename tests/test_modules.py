@@ -10,7 +10,7 @@ import gc
 import pytest
 import torch
 
-from stable_diffusion import reference
+from bench import reference
 from stable_diffusion.clip import FrozenCLIPEmbedder
 from stable_diffusion.config import TINY, V1_5
 from stable_diffusion.model import COMPONENT_PREFIXES

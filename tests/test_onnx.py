@@ -25,7 +25,10 @@ import torch
 from onnx import numpy_helper
 
 from bench import cost
-from bench.onnx_backend import (
+from bench.calibration import Calibration, Recorder
+from bench.techniques.base import Setting
+from bench.techniques.onnx import technique as onnx_technique
+from bench.techniques.onnx.backend import (
     OrtTextEncoder,
     OrtUNet,
     OrtVAEDecoder,
@@ -33,11 +36,8 @@ from bench.onnx_backend import (
     run_all_in_ort,
     time_projection_nodes,
 )
-from bench.onnx_export import CACHE_ENV, export_text_encoder, export_unet, export_vae_decoder, model_files
-from bench.runner import Recorder
-from bench.techniques import onnx as onnx_technique
-from bench.techniques.base import Calibration, Setting
-from bench.techniques.onnx import OnnxRuntime
+from bench.techniques.onnx.export import CACHE_ENV, export_text_encoder, export_unet, export_vae_decoder, model_files
+from bench.techniques.onnx.technique import OnnxRuntime
 from stable_diffusion.defaults import embedded_checkpoint
 from stable_diffusion.errors import CheckpointError, InputError
 from stable_diffusion.pipeline import StableDiffusion

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stable_diffusion import reference
+from bench import reference
 from stable_diffusion.config import TINY
 from stable_diffusion.errors import InputError
 from stable_diffusion.pipeline import StableDiffusion

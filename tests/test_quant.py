@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.calibration import Calibration, UNetCall
 from bench.techniques import quant_ops as ops
-from bench.techniques.base import Calibration, Setting, UNetCall
+from bench.techniques.base import Setting
 from bench.techniques.quant import Quantization, measured_size_bytes
 from stable_diffusion.config import TINY
 from stable_diffusion.errors import InputError
@@ -283,7 +284,7 @@ def test_bad_inputs_raise_input_error(unet, calibration):
     with pytest.raises(InputError, match="no quant setting"):
         Q.settings({"mode": ["weight-int8"], "layers": ["conv"]})
     with pytest.raises(InputError, match="positive integer"):
-        Q.axes["calib_prompts"][1]("zero")
+        Q.axis("calib_prompts").check("zero")
     with pytest.raises(InputError, match="needs calibration"):
         apply(unet, None, mode="static-w8a8")
     with pytest.raises(InputError, match="no UNet calls"):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from bench import report, schema
+from bench import report, schema, wandb_report
 from bench.techniques.base import Setting
 
 PROTOCOL = {
@@ -197,7 +197,7 @@ def test_log_wandb_offline_writes_run_with_table(csv_path: Path, tmp_path: Path)
     grid = tmp_path / "grid.png"
     report.make_grid([Image.new("RGB", (8, 8), "red")] * 4, cols=2).save(grid)
     run_dir = tmp_path / "run"
-    where = report.log_wandb(
+    where = wandb_report.log_wandb(
         run_dir, "sdbench-test", "offline", {"technique": "prune"}, rows, {rows[1]["setting_id"]: grid}, plots, "t1"
     )
     assert where is not None
@@ -226,8 +226,8 @@ def test_log_wandb_failures_warn_and_return_none(
         raise RuntimeError("no W&B today")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    with caplog.at_level(logging.WARNING, logger="bench.report"):
-        assert report.log_wandb(tmp_path, rows=fake_rows()) is None
+    with caplog.at_level(logging.WARNING, logger="bench.wandb_report"):
+        assert wandb_report.log_wandb(tmp_path, rows=fake_rows()) is None
     assert "no W&B today" in caplog.text
 
     real_import = builtins.__import__
@@ -239,16 +239,16 @@ def test_log_wandb_failures_warn_and_return_none(
 
     caplog.clear()
     monkeypatch.setattr(builtins, "__import__", no_wandb)
-    with caplog.at_level(logging.WARNING, logger="bench.report"):
-        assert report.log_wandb(tmp_path, rows=fake_rows()) is None
+    with caplog.at_level(logging.WARNING, logger="bench.wandb_report"):
+        assert wandb_report.log_wandb(tmp_path, rows=fake_rows()) is None
     assert "not available" in caplog.text
     with pytest.raises(ValueError, match="mode"):
-        report.log_wandb(tmp_path, mode="shared")
+        wandb_report.log_wandb(tmp_path, mode="shared")
 
 
 def test_write_wandb_sweep(tmp_path: Path) -> None:
     axes = {"ratio": [0.1, 0.3], "target": ["all", "attn"], "calib_prompts": [4, 16]}
-    path = report.write_wandb_sweep(tmp_path / "sweep.yaml", "prune", axes, ["--n-images", "4", "--run-id", "s1"])
+    path = wandb_report.write_wandb_sweep(tmp_path / "sweep.yaml", "prune", axes, ["--n-images", "4", "--run-id", "s1"])
     text = path.read_text()
     assert text.startswith("#") and "wandb agent" in text and "--run-id" in text
     spec = yaml.safe_load(text)
@@ -262,4 +262,4 @@ def test_write_wandb_sweep(tmp_path: Path) -> None:
         "calib-prompts": {"values": [4, 16]},
     }
     with pytest.raises(ValueError, match="comma"):
-        report.write_wandb_sweep(tmp_path / "bad.yaml", "prune", {"target": ["a,b"]}, [])
+        wandb_report.write_wandb_sweep(tmp_path / "bad.yaml", "prune", {"target": ["a,b"]}, [])

@@ -8,7 +8,7 @@ import torch
 
 from bench.metrics.base import PER_IMAGE
 from bench.metrics.shapes import CHANCE_ALL, PromptAccuracy, ShapesFID, shapes_fid
-from bench.shapes_classifier import WEIGHTS, evaluate, load_classifier
+from bench.metrics.shapes_classifier import WEIGHTS, evaluate, load_classifier
 from stable_diffusion.shapes import ShapesDataset, to_tensor
 
 pytestmark = pytest.mark.skipif(not WEIGHTS.is_file(), reason="shipped shapes classifier weights missing")
@@ -31,7 +31,7 @@ def test_prompt_accuracy_real_vs_noise():
     real = metric.compute(images, prompts, None)
     assert real["prompt_accuracy"] >= 0.9 and real["prompt_acc_n"] == 128
     per_image = real.pop(PER_IMAGE)
-    assert set(real) <= set(metric.columns)
+    assert set(real) <= set(metric.column_names())
     for column, values in per_image.items():  # per-image 0/1 values average to the row's number
         assert len(values) == 128 and float(values.mean()) == pytest.approx(real[column])
     mixed = metric.compute(images[:3], [prompts[0], "a cat", prompts[2]], None)[PER_IMAGE]["prompt_accuracy"]

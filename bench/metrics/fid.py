@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,23 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchvision.transforms.functional import pil_to_tensor
 
+from stable_diffusion.checkpoint import safe_load
+from stable_diffusion.defaults import REPO_ROOT
+from stable_diffusion.errors import InputError
+
 from ..data import file_sha256
-from .base import Metric
+from ..registry import METRICS, Column
+from .base import Metric, weights_file
+
+FID_CACHE = REPO_ROOT / "data" / "cache" / "fid"  # reference features, by content hash
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's file; torch-fidelity's has the same keys
 PREPROCESS = "center-crop to the generated aspect, PIL bicubic resize to the generated size, uint8"
 ImageLike = Image.Image | str | Path
+
+
+class _DownloadFailedError(Exception):
+    """The Inception weights could not be downloaded: FID columns stay empty (`unavailable()` says why)."""
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -64,6 +76,18 @@ def fid_low_rank(mu_r: torch.Tensor, sigma_r: torch.Tensor, fake: torch.Tensor) 
     return float((mu_r - mu_g).square().sum() + sigma_r.trace() + trace_g - 2 * sqrt_trace)
 
 
+def fid_columns(name: str, meaning: str, label: str, n: str, features: str) -> tuple[Column, ...]:
+    """The five columns of an FID-like metric: value (with its bootstrap CI), CI bounds, N, features."""
+    return (
+        Column(name, meaning, label=label, better="lower", ci=(f"{name}_ci_low", f"{name}_ci_high")),
+        Column(f"{name}_ci_low", "bootstrap 95% CI, low", plot=False),
+        Column(f"{name}_ci_high", "bootstrap 95% CI, high", plot=False),
+        Column(f"{name}_n", n, plot=False),
+        Column(f"{name}_features", features, plot=False),
+    )
+
+
+@METRICS.register
 class FID(Metric):
     """FID (torchmetrics, Inception pool3 2048-d) vs `reference`, plus a seeded bootstrap 95 % CI.
 
@@ -81,7 +105,16 @@ class FID(Metric):
     """
 
     name = "fid"
-    columns = ("fid", "fid_ci_low", "fid_ci_high", "fid_n", "fid_features")
+    order = 20
+    columns = fid_columns(
+        "fid", "FID vs the reference set (empty without Inception weights); small N is biased and noisy",
+        "FID vs reference set", "generated images in the FID", "feature extractor and weights sha256 prefix",
+    )  # fmt: skip
+
+    @classmethod
+    def from_options(cls, options: Any, reference: Any) -> FID:
+        return cls(weights_path=options.fid_weights, reference=reference, cache_dir=FID_CACHE,
+                   allow_download=options.allow_download, resize=options.fid_size)  # fmt: skip
 
     def __init__(
         self,
@@ -115,6 +148,7 @@ class FID(Metric):
         self._weights_sha: str | None = None
         self._reference_features: dict[tuple[int, int], torch.Tensor] = {}
         self._last: dict[str, Any] = {}
+        self._failed: str | None = None  # why a download failed
 
     # -- availability and protocol ---------------------------------------------------------------
     def _hub_file(self) -> Path:
@@ -124,6 +158,8 @@ class FID(Metric):
         return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
 
     def unavailable(self) -> str | None:
+        if self._failed:
+            return self._failed
         if len(self.reference) < 2:
             return f"FID needs >= 2 reference images, got {len(self.reference)}: pass --reference DIR"
         if self.custom is not None:
@@ -177,23 +213,43 @@ class FID(Metric):
         }
 
     # -- features ---------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        if self.unavailable() is None or self.weights_path is not None:
+            try:
+                self._extractor()
+            except _DownloadFailedError:
+                pass  # unavailable() now says why; the columns stay empty
+
     def _extractor(self) -> nn.Module:
         if self._net is None:
-            if self.custom is not None:
-                self._net = self.custom
-            else:  # torchmetrics' Inception; path None => torch-fidelity's hub cache / download
-                path = str(self.weights_path) if self.weights_path else None
-                if path is not None:  # torch-fidelity unpickles with weights_only=False: refuse non-tensor pickles
-                    try:
-                        torch.load(path, map_location="cpu", weights_only=True)
-                    except Exception as e:
-                        raise ValueError(f"--fid-weights {path} is not a plain state dict of tensors: {e}") from e
-                self._net = NoTrainInceptionV3(
-                    name="inception-v3-compat", features_list=[str(self.feature)], feature_extractor_weights_path=path,
-                    antialias=False,
-                )  # fmt: skip
+            self._net = self.custom if self.custom is not None else self._inception()
             self._net = self._net.eval().to(self.device)
         return self._net
+
+    def _inception(self) -> nn.Module:
+        """torchmetrics' Inception with weights read by `safe_load` (torch-fidelity itself unpickles with
+        weights_only=False): they reach it as a safetensors copy, which torch.load reads without unpickling."""
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        source = weights_file("--fid-weights", self.weights_path, self._hub_file(), URL_INCEPTION_V3,
+                              self.allow_download)  # fmt: skip
+        if isinstance(source, str):
+            self._failed = source
+            raise _DownloadFailedError(source)
+        state = safe_load(source, "--fid-weights")
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "inception.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(copy))
+            try:
+                return NoTrainInceptionV3(
+                    name="inception-v3-compat", features_list=[str(self.feature)],
+                    feature_extractor_weights_path=str(copy), antialias=False,
+                )  # fmt: skip
+            except RuntimeError as e:  # load_state_dict: missing / unexpected keys or shapes
+                first = str(e).splitlines()[0]
+                raise InputError(
+                    f"--fid-weights {source}: not Inception weights of {INCEPTION_FILE} ({first})"
+                ) from None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, H, W] -> float32 [N, d] on CPU, in batches."""
@@ -301,6 +357,9 @@ class FID(Metric):
         self._last = {"n": len(images), "resolution": f"{size[1]}x{size[0]}"}
         if len(images) < 2:  # a covariance needs two samples: leave FID empty rather than fail the row
             return {"fid_n": len(images)}
+        self.prepare()
+        if self.unavailable():
+            return {}
         fake = self.features(self._resized(images))
         fid, low, high, bias = self.fid_with_ci(self.reference_features(size), fake)
         features = f"{self.feature_name}:{(self.weights_sha256() or 'unknown')[:12]}"

@@ -12,11 +12,8 @@ mse=0. With no baseline at all (baseline=None) there is nothing to compare and e
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,39 +21,48 @@ import torch
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from .base import PER_IMAGE, Metric
+from stable_diffusion.checkpoint import safe_load
+from stable_diffusion.errors import InputError
+
+from ..registry import METRICS, Column
+from .base import PER_IMAGE, Metric, per_image_columns, weights_file
+
+
+def _alexnet_url() -> str:
+    """torchvision's ImageNet AlexNet weights (the file name, alexnet-owt-7be5be79.pth, is its hub-cache name)."""
+    from torchvision.models import AlexNet_Weights
+
+    return AlexNet_Weights.IMAGENET1K_V1.url
 
 
 def _alexnet_file_name() -> str:
-    """The file name torchvision looks for in `<torch hub>/checkpoints` (alexnet-owt-7be5be79.pth)."""
-    from torchvision.models import AlexNet_Weights
-
-    return os.path.basename(AlexNet_Weights.IMAGENET1K_V1.url)
+    return os.path.basename(_alexnet_url())
 
 
-@contextlib.contextmanager
-def _hub_with(weights: Path) -> Iterator[None]:
-    """Point the torch hub cache at a temp dir holding `weights` under torchvision's name.
+def lpips_network(backbone: Path) -> torch.nn.Module:
+    """torchmetrics' LPIPS (alex, v0.1 linear layers) with the AlexNet backbone read by `safe_load`.
 
-    torchmetrics' LPIPS always builds `torchvision.models.alexnet(weights=IMAGENET1K_V1)`, which reads the
-    hub cache and only downloads when the file is missing; this lets it load a user-given file through its
-    own code path, offline.
+    torchvision would unpickle the backbone with weights_only=False (code execution); so the network is built
+    with a random backbone (`pnet_rand`) and torchvision's `features.<i>.*` tensors are copied into
+    torchmetrics' `slice<k>.<i>.*` modules, which keep torchvision's layer indices.
     """
-    previous = torch.hub.get_dir()
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "checkpoints" / _alexnet_file_name()
-        target.parent.mkdir()
-        try:
-            target.symlink_to(weights.resolve())
-        except OSError:
-            target.write_bytes(weights.read_bytes())
-        torch.hub.set_dir(tmp)
-        try:
-            yield
-        finally:
-            torch.hub.set_dir(previous)
+    from torchmetrics.functional.image.lpips import _NoTrainLpips
+
+    net = _NoTrainLpips(net="alex", pnet_rand=True)
+    state = safe_load(backbone, "--lpips-weights")
+    mapped = {key: state.get("features." + key.split(".", 1)[1]) for key in net.net.state_dict()}
+    if missing := [k for k, v in mapped.items() if v is None]:
+        raise InputError(f"--lpips-weights {backbone}: not torchvision's AlexNet weights (no {missing[0]})")
+    try:
+        net.net.load_state_dict(mapped, strict=True)
+    except RuntimeError as e:
+        raise InputError(
+            f"--lpips-weights {backbone}: not torchvision's AlexNet weights ({str(e).splitlines()[-1].strip()})"
+        ) from None
+    return net.eval()
 
 
+@METRICS.register
 class Fidelity(Metric):
     """PSNR / SSIM / MSE / LPIPS of each image vs the baseline image of the same prompt and seed.
 
@@ -65,9 +71,28 @@ class Fidelity(Metric):
     """
 
     name = "fidelity"
-    columns = ("psnr", "ssim", "lpips", "mse")
+    order = 10
     # bootstrap intervals only: these already compare with FP32 image by image, so a paired test has no null
     intervals: ClassVar[dict[str, tuple[str, bool]]] = {"psnr": ("mean", False), "ssim": ("mean", False)}
+    columns = (
+        *per_image_columns(
+            Column("psnr", "dB vs the FP32 baseline images (mean over images)", label="PSNR vs FP32 images (dB)",
+                   better="higher"),
+            *intervals["psnr"],
+        ),
+        *per_image_columns(
+            Column("ssim", "SSIM vs the FP32 baseline images", label="SSIM vs FP32 images", better="higher"),
+            *intervals["ssim"],
+        ),
+        Column("lpips", "LPIPS vs the FP32 baseline images (empty without backbone weights)",
+               label="LPIPS vs FP32 images", better="lower"),
+        Column("mse", "pixel MSE vs baseline, [0,1] range", label="pixel MSE vs FP32 images ([0,1] range)",
+               better="lower"),
+    )  # fmt: skip
+
+    @classmethod
+    def from_options(cls, options: Any, reference: Any) -> Fidelity:
+        return cls(lpips_weights=options.lpips_weights, allow_download=options.allow_download)
 
     def __init__(
         self,
@@ -82,20 +107,29 @@ class Fidelity(Metric):
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._lpips: Any = None
+        self._failed: str | None = None  # why a download failed: the lpips column stays empty
 
     def _hub_file(self) -> Path:
         return Path(torch.hub.get_dir()) / "checkpoints" / _alexnet_file_name()
 
     def lpips_source(self) -> Path | str | None:
         """The AlexNet file LPIPS will use, "download", or None when LPIPS cannot run."""
+        if self._failed:
+            return None
         if self.lpips_weights is not None:
             return self.lpips_weights if self.lpips_weights.is_file() else None
         if self._hub_file().is_file():
             return self._hub_file()
         return "download" if self.allow_download else None
 
+    def prepare(self) -> None:
+        if self.lpips_weights is not None or self.lpips_source() is not None:
+            self._lpips_metric()
+
     def hints(self) -> list[str]:
         """How to enable the columns left empty (the metric itself always runs)."""
+        if self._failed:
+            return [f"lpips column empty: {self._failed}"]
         if self.lpips_source() is not None:
             return []
         given = f"--lpips-weights {self.lpips_weights} is not a file; " if self.lpips_weights else ""
@@ -124,29 +158,29 @@ class Fidelity(Metric):
         }
 
     def _lpips_metric(self) -> Any:
-        if self._lpips is None:
-            from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-            given = self.lpips_weights  # else torchvision finds the hub-cache file (or downloads: opt-in)
-            with _hub_with(given) if given is not None else contextlib.nullcontext():
-                self._lpips = LearnedPerceptualImagePatchSimilarity(
-                    net_type="alex", reduction="mean", normalize=True
-                ).to(self.device)
+        """The LPIPS network, built once; None when its weights could not be downloaded."""
+        if self._lpips is None and self._failed is None:
+            flag = "--lpips-weights"
+            source = weights_file(flag, self.lpips_weights, self._hub_file(), _alexnet_url(), self.allow_download)
+            if isinstance(source, str):
+                self._failed = source
+            else:
+                self._lpips = lpips_network(source).to(self.device)
         return self._lpips
 
     def lpips(self, images: torch.Tensor, baseline: torch.Tensor) -> float | None:
-        if self.lpips_source() is None:
+        if self.lpips_source() is None or (net := self._lpips_metric()) is None:
             return None
-        metric = self._lpips_metric()
-        metric.reset()
+        scores = []
         with torch.inference_mode():
             for a, b in zip(images.split(self.batch_size), baseline.split(self.batch_size), strict=True):
-                metric.update(a.clamp(0, 1).to(self.device), b.clamp(0, 1).to(self.device))
-            return float(metric.compute())
+                a, b = a.clamp(0, 1).to(self.device), b.clamp(0, 1).to(self.device)
+                scores.append(net(a, b, normalize=True).reshape(-1).double().cpu())
+        return float(torch.cat(scores).mean())
 
     def compute(self, images: torch.Tensor, prompts: list[str], baseline: torch.Tensor | None) -> dict[str, Any]:
         if baseline is None:
-            return dict.fromkeys(self.columns)
+            return dict.fromkeys(self.column_names())
         if baseline.shape != images.shape:
             raise ValueError(f"images {tuple(images.shape)} vs baseline {tuple(baseline.shape)}")
         x, y = images.float(), baseline.float()

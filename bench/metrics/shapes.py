@@ -1,6 +1,6 @@
 """Built-in quality metrics for the shapes world, needing no download: in-domain stand-ins for CLIP score and FID.
 
-Both read images with the small CNN of `bench.shapes_classifier` (shipped weights
+Both read images with the small CNN of `bench.metrics.shapes_classifier` (shipped weights
 `data/weights/shapes-classifier.safetensors`), which only knows the procedural dataset of
 `stable_diffusion.shapes`. They say something only for models trained on that dataset (the trained tiny
 default) and prompts written in its caption language; they are NOT comparable with CLIP score or Inception FID.
@@ -22,9 +22,10 @@ import torch
 
 from stable_diffusion.shapes import VOCAB, ShapesDataset, parse_caption
 
-from ..data import file_sha256
-from .base import PER_IMAGE, Metric
-from .fid import FID
+from ..data import file_sha256, shapes_set
+from ..registry import METRICS, Column
+from .base import PER_IMAGE, Metric, per_image_columns
+from .fid import FID, FID_CACHE, fid_columns
 
 HEADS = tuple(VOCAB)
 CHANCE_ALL = 1.0 / float(torch.tensor([len(v) for v in VOCAB.values()]).prod())
@@ -32,12 +33,20 @@ CHANCE_PER_HEAD = {h: 1.0 / len(v) for h, v in VOCAB.items()}
 REFERENCE_SEED = 0  # default reference: ShapesDataset("heldout", seed=0); sweeps pass their prompt set's split/seed
 
 
+# Wilson intervals; paired sign-flip test vs FP32 (same prompts and seeds)
+ACCURACY_INTERVALS: dict[str, tuple[str, bool]] = {
+    c: ("proportion", True) for c in ("prompt_accuracy", *(f"prompt_acc_{h}" for h in HEADS))
+}
+TRAIN = "python -m bench.metrics.shapes_classifier --train"  # how to make the classifier weights
+
+
 def _weights_path() -> Path:
-    from bench.shapes_classifier import WEIGHTS
+    from bench.metrics.shapes_classifier import WEIGHTS
 
     return WEIGHTS
 
 
+@METRICS.register
 class PromptAccuracy(Metric):
     """In-domain CLIP-score stand-in: fraction of images whose classified attributes all match their prompt.
 
@@ -46,10 +55,21 @@ class PromptAccuracy(Metric):
     """
 
     name = "prompt_accuracy"
-    columns = ("prompt_accuracy", *(f"prompt_acc_{h}" for h in HEADS), "prompt_acc_n")
-    intervals: ClassVar[dict[str, tuple[str, bool]]] = {
-        c: ("proportion", True) for c in columns[:-1]
-    }  # Wilson; paired sign-flip test vs FP32
+    order = 40
+    intervals: ClassVar[dict[str, tuple[str, bool]]] = ACCURACY_INTERVALS
+    columns = (
+        *per_image_columns(
+            Column("prompt_accuracy",
+                   "images whose shapes-classifier attributes all match the prompt (chance 1/1800)",
+                   label="prompt accuracy, all attributes (shapes classifier)", better="higher"),
+            *ACCURACY_INTERVALS["prompt_accuracy"],
+        ),
+        *(c for h in HEADS for c in per_image_columns(
+            Column(f"prompt_acc_{h}", f"prompt accuracy of the {h} attribute alone", better="higher"),
+            *ACCURACY_INTERVALS[f"prompt_acc_{h}"],
+        )),
+        Column("prompt_acc_n", "prompts parsed as shapes captions", plot=False),
+    )  # fmt: skip
 
     def __init__(self, weights_path: str | Path | None = None, device: str | torch.device | None = None) -> None:
         self.weights_path = Path(weights_path) if weights_path else _weights_path()
@@ -59,13 +79,13 @@ class PromptAccuracy(Metric):
 
     def unavailable(self) -> str | None:
         if not self.weights_path.is_file():
-            return f"no shapes classifier at {self.weights_path}: run `python -m bench.shapes_classifier --train`"
+            return f"no shapes classifier at {self.weights_path}: run `{TRAIN}`"
         return None
 
     def protocol(self) -> dict[str, Any]:
         ok = self.unavailable() is None
         return {
-            "classifier": "bench.shapes_classifier.ShapesClassifier",
+            "classifier": "bench.metrics.shapes_classifier.ShapesClassifier",
             "weights_sha256": file_sha256(self.weights_path) if ok else None,
             "n_images": self._n,
             "preprocess": "round(x * 255) / 255, bilinear antialiased resize to 64x64 if needed",
@@ -76,7 +96,7 @@ class PromptAccuracy(Metric):
 
     def model(self):
         if self._model is None:
-            from bench.shapes_classifier import load_classifier
+            from bench.metrics.shapes_classifier import load_classifier
 
             self._model = load_classifier(self.weights_path).to(self.device)
         return self._model
@@ -111,6 +131,7 @@ class PromptAccuracy(Metric):
         return out
 
 
+@METRICS.register
 class ShapesFID(FID):
     """In-domain FID stand-in: FID on the shapes classifier's 128-d penultimate features, own columns.
 
@@ -119,10 +140,22 @@ class ShapesFID(FID):
     """
 
     name = "shapes_fid"
-    columns = ("shapes_fid", "shapes_fid_ci_low", "shapes_fid_ci_high", "shapes_fid_n", "shapes_fid_features")
+    order = 50
+    columns = fid_columns(
+        "shapes_fid", "FID on shapes-classifier features vs generator images of the prompt set's split and seed "
+        "(held-out ones for non-shapes prompts; not comparable with FID)",
+        "shapes-FID vs generator images", "generated images in the shapes-FID",
+        "shapes-classifier weights sha256 prefix",
+    )  # fmt: skip
+
+    @classmethod
+    def from_options(cls, options: Any, reference: Any) -> ShapesFID:
+        # against the prompt set's own scenes (its split and seed); held-out scenes for other prompt sets
+        _, split, seed = shapes_set(options.prompts) or shapes_set("shapes-heldout")
+        return shapes_fid(n_reference=256, split=split, seed=seed, cache_dir=FID_CACHE)
 
     def __init__(self, reference: Any, weights_path: str | Path | None = None, **kwargs: Any) -> None:
-        from bench.shapes_classifier import PenultimateFeatures, load_classifier
+        from bench.metrics.shapes_classifier import PenultimateFeatures, load_classifier
 
         path = Path(weights_path) if weights_path else _weights_path()
         self.classifier_path = path
@@ -132,7 +165,7 @@ class ShapesFID(FID):
 
     def unavailable(self) -> str | None:
         if self.custom is None:
-            return f"no shapes classifier at {self.classifier_path}: run `python -m bench.shapes_classifier --train`"
+            return f"no shapes classifier at {self.classifier_path}: run `{TRAIN}`"
         return super().unavailable()
 
     def protocol(self) -> dict[str, Any]:

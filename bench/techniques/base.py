@@ -8,7 +8,7 @@ signature `(x, t, context)` and the row fields the technique wants reported.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,6 +16,11 @@ import torch
 from torch import nn
 
 from stable_diffusion.errors import InputError
+
+from ..calibration import Calibration
+from ..registry import Axis, Column
+
+BASELINE = "baseline"  # the setting (and `technique` cell) of the uncompressed model every row compares with
 
 
 @dataclass(frozen=True)
@@ -43,64 +48,64 @@ class Setting:
 
 
 @dataclass
-class UNetCall:
-    """One recorded UNet call from a real sampling trajectory (for calibration)."""
-
-    x: torch.Tensor  # [B, 4, h, w] latent input (already scaled by the sampler)
-    t: torch.Tensor  # scalar timestep
-    context: torch.Tensor  # [B, 77, d] text conditioning
-
-
-@dataclass
-class Calibration:
-    """Real UNet inputs recorded while sampling calibration prompts with the FP32 model.
-
-    `calls` are grouped by prompt set size on demand: `take(n_prompts)` keeps the calls of the first
-    n prompts only, so "number of calibration prompts" can be a sweep axis without resampling.
-    """
-
-    calls: list[UNetCall]
-    prompts_per_call: list[int]  # index of the calibration prompt each call belongs to
-
-    def take(self, n_prompts: int) -> list[UNetCall]:
-        return [c for c, p in zip(self.calls, self.prompts_per_call, strict=True) if p < n_prompts]
-
-
-@dataclass
 class Compressed:
-    """What a technique returns: the module to sample with and its row fields."""
+    """What a technique returns: the module to sample with, its row fields and sampling overrides.
+
+    `sampling` overrides sampling options for this row only (e.g. {"steps": 4}); the row's protocol
+    columns then say what was used. A module may define `reset_sampling_state()`: the runner calls it
+    before every image (for stateful caches).
+    """
 
     module: nn.Module
     fields: dict[str, Any]  # e.g. sparsity, bits, kernels ("int8"/"fp32"/"simulated"), size_bytes
+    sampling: dict[str, Any] = field(default_factory=dict)
 
 
 class Technique:
-    """Base class. Subclasses set `name`, describe their sweep axes and implement `settings`/`apply`."""
+    """Base class: a technique declares what it sweeps and reports; the harness derives the rest.
+
+    `axes` become CLI flags and TOML keys, `columns` results.csv columns (README, plot labels); a declared
+    column that is also a cost column (e.g. `unet_params`) lets `apply` overwrite the runner's value.
+    `plot_x` is the axis drawn on the x of this technique's plots (None: one point per setting).
+    """
 
     name: ClassVar[str]
-    # sweep axis -> (default values, parser for one CLI value)
-    axes: ClassVar[dict[str, tuple[list[Any], Callable[[str], Any]]]] = {}
+    summary: ClassVar[str] = ""
+    order: ClassVar[int] = 100
+    axes: ClassVar[tuple[Axis, ...]] = ()
+    columns: ClassVar[tuple[Column, ...]] = ()
+    plot_x: ClassVar[str | None] = None
     needs_calibration: ClassVar[bool] = False
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+
+    @classmethod
+    def axis(cls, name: str) -> Axis:
+        for axis in cls.axes:
+            if axis.name == name:
+                return axis
+        raise InputError(f"unknown {cls.name} axis {name!r}; choose from: {', '.join(a.name for a in cls.axes)}")
+
+    def axis_values(self, given: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
+        """Every axis's values (given, else its defaults), each value checked once; unknown axes raise."""
+        for name in given:
+            self.axis(name)
+        return {a.name: [a.check(v) for v in given.get(a.name, a.default)] for a in self.axes}
 
     def settings(self, axes: Mapping[str, list[Any]]) -> list[Setting]:
-        """The sweep points for these axis values (defaults for axes not given)."""
-        raise NotImplementedError
+        """The sweep points for these axis values (defaults for axes not given): the full grid."""
+        out = [Setting(self.name, p) for p in grid(self.axis_values(axes))]
+        return list({s.id: s for s in out}.values())
+
+    def unsupported(self, setting: Setting, device: torch.device | str) -> str | None:
+        """Why `setting` cannot run on `device` (the plan skips it), or None."""
+        kind = torch.device(device).type
+        if kind not in self.devices:
+            return f"{self.name} runs on {', '.join(self.devices)} only, not {kind}"
+        return None
 
     def apply(self, unet: nn.Module, setting: Setting, calibration: Calibration | None = None) -> Compressed:
         """Compress `unet` (a private copy; modify it freely) according to `setting`."""
         raise NotImplementedError
-
-
-def parse_axis(axis: str, raw: Any, parser: Callable[[str], Any]) -> list[Any]:
-    """One value or a comma list (or a TOML list) for a sweep axis, each parsed; InputError on a bad one."""
-    values = raw if isinstance(raw, list) else str(raw).split(",")
-    out = []
-    for v in values:
-        try:
-            out.append(parser(v) if isinstance(v, str) else v)
-        except (TypeError, ValueError):
-            raise InputError(f"bad value {v!r} for --{axis.replace('_', '-')}") from None
-    return out
 
 
 def parse_setting_id(text: str) -> tuple[str, dict[str, str]]:

@@ -34,11 +34,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,13 +47,16 @@ from torch import nn
 
 from stable_diffusion.errors import InputError
 
+from ..calibration import Calibration
 from ..cost import dense_size_bytes
-from .base import Calibration, Compressed, Setting, Technique, check_choice, grid
+from ..registry import TECHNIQUES, Axis, Column, text
+from ..schema import CORE
+from . import layers
+from .base import Compressed, Setting, Technique, check_choice, grid
 
 METHODS = ["l1", "random"]
 SCOPES = ["layer", "global"]
 TARGETS = ["all", "linear", "conv", "attn", "down", "mid", "up", "inner", "outer"]
-ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 CHUNK = 1 << 19  # elements per step: the 2 MB score buffer and its indicators stay in cache
 EXACT_MAX = 1 << 18  # at most this many elements: take the exact k-th score, no sampling
 SAMPLE_MIN, SAMPLE_MAX = 1 << 16, 1 << 22
@@ -78,9 +80,7 @@ def parse_seed(value: Any) -> int:
     return int(value)
 
 
-def prunable_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Linear and Conv2d of `module`, in registration order (their position seeds random scores)."""
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+prunable_layers = layers.linear_and_conv  # every Linear and Conv2d weight can be pruned
 
 
 def block_levels(cfg: Any) -> tuple[list[int], list[int]]:
@@ -109,20 +109,17 @@ def target_layers(module: nn.Module, target: str) -> list[tuple[int, str, nn.Mod
     if target in ("inner", "outer") and not hasattr(cfg, "channel_mult"):
         raise InputError(f"target {target!r} needs a UNet (with .cfg); choose from: {', '.join(TARGETS[:4])}")
     keep = {
-        "all": lambda n, m: True,
-        "linear": lambda n, m: isinstance(m, nn.Linear),
-        "conv": lambda n, m: isinstance(m, nn.Conv2d),
-        "attn": lambda n, m: ATTN.search(n) is not None,
+        **{kind: lambda n, m, kind=kind: layers.is_kind(n, m, kind) for kind in layers.KINDS},
         "down": lambda n, m: n.startswith("input_blocks."),
         "mid": lambda n, m: n.startswith("middle_block."),
         "up": lambda n, m: n.startswith("output_blocks."),
         "inner": lambda n, m: _is_inner(n, cfg),
         "outer": lambda n, m: not _is_inner(n, cfg),
     }[target]
-    layers = [(i, n, m) for i, (n, m) in enumerate(prunable_layers(module)) if keep(n, m)]
-    if not layers:
+    selected = [(i, n, m) for i, (n, m) in enumerate(prunable_layers(module)) if keep(n, m)]
+    if not selected:
         raise InputError(f"target {target!r} selects no Linear/Conv2d layer of this module")
-    return layers
+    return selected
 
 
 class _Scores:
@@ -310,7 +307,7 @@ def measure(unet: nn.Module, targeted: list[str]) -> dict[str, Any]:
     counts, `pruned_layers` (targeted layers holding a zero) and sizes: the plain safetensors file (computed)
     and the `save_sparse` file (written to a temporary folder and deleted)."""
     weights = {name: m.weight for name, m in prunable_layers(unet)}
-    zeros = {name: w.numel() - int(torch.count_nonzero(w)) for name, w in weights.items()}
+    zeros = {name: layers.zeros(w) for name, w in weights.items()}
     n_target = sum(weights[n].numel() for n in targeted)
     sd = unet.state_dict()
     with tempfile.TemporaryDirectory(prefix="sdbench-prune-") as tmp:
@@ -329,31 +326,32 @@ def measure(unet: nn.Module, targeted: list[str]) -> dict[str, Any]:
     }
 
 
-CHOICES = {"method": METHODS, "scope": SCOPES, "target": TARGETS}
-
-
-def _values(axis: str, given: Mapping[str, list[Any]]) -> list[Any]:
-    defaults, parser = Pruning.axes[axis]
-    values = [parser(v) if isinstance(v, str) else v for v in given.get(axis, defaults)]
-    return [parse_ratio(v) if axis == "ratio" else check_choice(axis, v, CHOICES[axis]) for v in values]
-
-
+@TECHNIQUES.register
 class Pruning(Technique):
     """Unstructured pruning sweep: ratio x method x scope x target. Setting param `seed` (default 0,
     left out of ids when 0) seeds `random`; it is no sweep axis because `--seed` is the image seed."""
 
     name = "prune"
-    axes: ClassVar = {
-        "ratio": ([0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9], parse_ratio),
-        "method": (["l1"], str.strip),
-        "scope": (["global"], str.strip),
-        "target": (["all"], str.strip),
-    }
+    summary = "unstructured magnitude (L1) or random pruning of UNet Linear+Conv2d weights, exact counts"
+    order = 20
+    axes = (
+        Axis("ratio", [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9], parse_ratio, "fraction of targeted weights set to zero"),
+        Axis("method", ["l1"], text, "which weights go: smallest |w| (l1) or random", METHODS),
+        Axis("scope", ["global"], text, "one threshold over all targeted weights, or per layer", SCOPES),
+        Axis("target", ["all"], text, "which layers compete (inner/outer: middle vs ends of the U)", TARGETS),
+    )
+    columns = (
+        Column("ratio", "pruning ratio asked for", label="ratio asked for (fraction of targeted weights)", plot=False),
+        Column("sparsity", "measured fraction of zeros among the targeted weights",
+               label="sparsity of targeted weights (fraction)"),
+        Column("sparsity_unet", "measured fraction of zeros among all UNet Linear/Conv weights",
+               label="sparsity of all UNet weights (fraction)"),
+        *(CORE[c] for c in ("unet_params", "nonzeros", "size_dense_bytes")),  # recounted after pruning
+    )  # fmt: skip
+    plot_x = "ratio"
 
     def settings(self, axes: Mapping[str, list[Any]]) -> list[Setting]:
-        if unknown := set(axes) - set(self.axes):
-            raise InputError(f"unknown prune axes {sorted(unknown)}; choose from: {', '.join(self.axes)}")
-        vals = {axis: _values(axis, axes) for axis in self.axes}
+        vals = self.axis_values(axes)
         out: dict[str, Setting] = {}
         for p in grid({axis: vals[axis] for axis in ("target", "ratio", "method", "scope")}):
             if p["ratio"] == 0.0:  # unpruned: method and scope make no difference, keep one row per target
@@ -364,7 +362,8 @@ class Pruning(Technique):
 
     def apply(self, unet: nn.Module, setting: Setting, calibration: Calibration | None = None) -> Compressed:
         params = {"ratio": 0.0, **setting.params}
-        if unknown := set(params) - {*self.axes, "seed"}:
-            raise InputError(f"unknown prune parameters {sorted(unknown)}; known: {', '.join(self.axes)}, seed")
+        known = [a.name for a in self.axes]
+        if unknown := set(params) - {*known, "seed"}:
+            raise InputError(f"unknown prune parameters {sorted(unknown)}; known: {', '.join(known)}, seed")
         targeted = prune(unet, **params)
         return Compressed(unet, measure(unet, targeted))

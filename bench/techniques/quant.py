@@ -31,24 +31,27 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from stable_diffusion.errors import InputError
+from stable_diffusion.pipeline import DTYPES
 
+from ..calibration import Calibration, UNetCall
+from ..registry import TECHNIQUES, Axis, Column, positive_int, text
 from . import quant_ops as ops
-from .base import Calibration, Compressed, Setting, Technique, UNetCall, check_choice
+from .base import Compressed, Setting, Technique
+from .layers import KINDS, select
 
 MODES = ["dynamic-int8", "weight-int8", "weight-int4", "static-w8a8", "static-w8a8-timestep"]
 STATIC_MODES = ("static-w8a8", "static-w8a8-timestep")
 WEIGHT_BITS = {"dynamic-int8": 8, "weight-int8": 8, "weight-int4": 4, "static-w8a8": 8, "static-w8a8-timestep": 8}
-LAYER_CHOICES = ["all", "linear", "conv", "attn"]
 LINEAR_ONLY = ["linear", "attn"]  # the real-kernel modes quantize nn.Linear only
 GROUP_SIZES = [32, 64, 128, 256]  # what the CPU int4 kernel accepts
-ACT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+ACT_DTYPES = {k: DTYPES[k] for k in ("bf16", "fp32")}
 OBSERVERS = ["minmax", "percentile"]
 PERCENTILE = 99.99
 PERCENTILE_BUDGET = 2**16  # samples kept per layer and timestep group for the percentile observer
@@ -79,65 +82,52 @@ MODE_DEFAULTS: dict[str, dict[str, list[Any]]] = {
 }
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise InputError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise InputError(f"expected a positive integer, got {value!r}")
+def _timestep_groups(value: Any) -> int:
+    n = positive_int(value)
+    if n > ops.NUM_TRAIN_TIMESTEPS:
+        raise InputError(f"timestep_groups must be at most {ops.NUM_TRAIN_TIMESTEPS}, got {n}")
     return n
 
 
-def _check_param(axis: str, value: Any) -> Any:
-    """Validate one parameter value; InputError names the choices."""
-    if axis == "mode":
-        return check_choice(axis, value, MODES)
-    if axis == "bits":
-        return check_choice(axis, value, [8, 4])
-    if axis == "granularity":
-        return check_choice(axis, value, ["channel", "tensor"])
-    if axis == "group_size":
-        return check_choice(axis, value, GROUP_SIZES)
-    if axis == "act_dtype":
-        return check_choice(axis, value, list(ACT_DTYPES))
-    if axis == "layers":
-        return check_choice(axis, value, LAYER_CHOICES)
-    if axis == "observer":
-        return check_choice(axis, value, OBSERVERS)
-    if axis in ("calib_prompts", "timestep_groups"):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InputError(f"{axis} must be a positive integer, got {value!r}")
-        if axis == "timestep_groups" and value > ops.NUM_TRAIN_TIMESTEPS:
-            raise InputError(f"timestep_groups must be at most {ops.NUM_TRAIN_TIMESTEPS}, got {value}")
-        return value
-    raise InputError(f"unknown quant axis {axis!r}; choose from: mode, bits, {', '.join(DEFAULTS)}, layers")
-
-
+@TECHNIQUES.register
 class Quantization(Technique):
     """Post-training quantization; see the module docstring for the modes and what is real vs simulated."""
 
     name = "quant"
+    summary = "post-training quantization: dynamic INT8, weight-only INT8/INT4 (real CPU kernels), static W8A8"
+    order = 30
     needs_calibration = True
-    axes: ClassVar[dict[str, tuple[list[Any], Callable[[str], Any]]]] = {
-        "mode": (MODES, str.strip),
-        "bits": ([8, 4], _positive_int),
-        "granularity": (["channel"], str.strip),
-        "group_size": ([32], _positive_int),
-        "act_dtype": (["bf16"], str.strip),
-        "layers": (["all"], str.strip),  # default per mode: all (static), linear (real-kernel modes)
-        "observer": (["minmax"], str.strip),  # default for static-w8a8 when not given: minmax and percentile
-        "calib_prompts": ([4], _positive_int),
-        "timestep_groups": ([4], _positive_int),
-    }
+    axes = (
+        Axis("mode", MODES, text, "quantization mode", MODES),
+        Axis("bits", [8, 4], positive_int, "keep the modes of these weight bit widths", [8, 4]),
+        Axis("granularity", ["channel"], text, "8-bit weight scales per output channel or per tensor",
+             ["channel", "tensor"]),
+        Axis("group_size", [32], positive_int, "int4 weight group size", GROUP_SIZES),
+        Axis("act_dtype", ["bf16"], text, "activation dtype of the weight-only modes", list(ACT_DTYPES)),
+        # default per mode: all (static), linear (real-kernel modes)
+        Axis("layers", ["all"], text, "layers to quantize (attn = attention projections)", KINDS),
+        # default for static-w8a8 when not given: minmax and percentile
+        Axis("observer", ["minmax"], text, "activation range observer (static modes)", OBSERVERS),
+        Axis("calib_prompts", [4], positive_int, "calibration prompts (static modes)"),
+        Axis("timestep_groups", [4], _timestep_groups, "activation ranges per timestep group (static-w8a8-timestep)"),
+    )  # fmt: skip
+    columns = (
+        Column("mode", "quantization mode", plot=False),
+        Column("bits_weights", "weight bit width (empty = fp32)", plot=False),
+        Column("bits_activations", "activation bit width (empty = fp32)", plot=False),
+        Column("calib_prompts", "calibration prompts used", plot=False),
+        Column("weight_error_max_rel", "max over layers of max|w - deq(q(w))| / max|w|",
+               label="max relative weight error", better="lower"),
+    )  # fmt: skip
+
+    def unsupported(self, setting: Setting, device: torch.device | str) -> str | None:
+        if setting.params.get("mode") not in STATIC_MODES and torch.device(device).type != "cpu":
+            return f"quant mode {setting.params.get('mode')} runs PyTorch's CPU kernels (use --device cpu)"
+        return super().unsupported(setting, device)
 
     def settings(self, axes: Mapping[str, list[Any]]) -> list[Setting]:
         """One row per applicable combination; the defaults give one row per mode (two observers for static)."""
-        for axis, values in axes.items():
-            if axis not in self.axes:
-                raise InputError(f"unknown quant axis {axis!r}; choose from: {', '.join(self.axes)}")
-            for v in values:
-                _check_param(axis, v)
+        axes = {name: [self.axis(name).check(v) for v in values] for name, values in axes.items()}
         bits = axes.get("bits", [8, 4])
         out: list[Setting] = []
         for mode in axes.get("mode", MODES):
@@ -198,9 +188,9 @@ class Quantization(Technique):
         if setting.technique != Quantization.name:
             raise InputError(f"setting {setting.id} is not a quant setting")
         params = dict(setting.params)
-        mode = _check_param("mode", params.get("mode"))
+        mode = Quantization.axis("mode").check(params.get("mode"))
         for axis, value in params.items():
-            _check_param(axis, value)
+            Quantization.axis(axis).check(value)
             if axis != "mode" and axis not in MODE_AXES[mode]:
                 raise InputError(f"{axis} does not apply to quant mode {mode}")
         for axis in MODE_AXES[mode]:
@@ -271,15 +261,7 @@ class Quantization(Technique):
 
 def select_layers(unet: nn.Module, layers: str) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs to quantize: Linear, Conv2d, both, or the attention projections only."""
-    out = []
-    for name, mod in unet.named_modules():
-        is_linear, is_conv = isinstance(mod, nn.Linear), isinstance(mod, nn.Conv2d)
-        if layers == "attn":
-            keep = is_linear and (".attn1." in f".{name}" or ".attn2." in f".{name}")
-        else:
-            keep = {"all": is_linear or is_conv, "linear": is_linear, "conv": is_conv}[layers]
-        if keep:
-            out.append((name, mod))
+    out = select(unet, layers)
     if not out:
         raise InputError(f"no {layers} layers to quantize in this model")
     return out

@@ -1,7 +1,7 @@
 """Evaluate a tiny text-to-image model on shapes-dataset captions with the built-in metrics (no download).
 
-    .venv/bin/python -m bench.shapes_eval --checkpoint data/weights/tiny-shapes.safetensors --guidance 3 7.5
-    .venv/bin/python -m bench.shapes_eval --random   # the seeded random-weight embedded default, for comparison
+    .venv/bin/python -m bench.benchmarks.shapes_eval --checkpoint data/weights/tiny-shapes.safetensors --guidance 3 7.5
+    .venv/bin/python -m bench.benchmarks.shapes_eval --random   # the seeded random-weight default, to compare
 
 Samples one image per held-out caption (`ShapesDataset("heldout", 0)`, captions never seen in training), then
 reports prompt accuracy (chance 1/1800) and shapes-FID against 256 real held-out generator images.
@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 
 from bench.metrics.shapes import CHANCE_ALL, CHANCE_PER_HEAD, PromptAccuracy, shapes_fid
+from bench.report import make_grid
 from stable_diffusion.checkpoint import load_model
 from stable_diffusion.config import TINY
+from stable_diffusion.defaults import WEIGHTS_DIR
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.shapes import captions
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def generate(sd: StableDiffusion, prompts: list[str], *, steps: int, guidance: float, sampler: str, seed: int,
@@ -39,14 +39,13 @@ def generate(sd: StableDiffusion, prompts: list[str], *, steps: int, guidance: f
 
 def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
     arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    rows = [np.concatenate(list(arr[r : r + cols]), 1) for r in range(0, len(arr) - len(arr) % cols or cols, cols)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
+    make_grid([Image.fromarray(a) for a in arr], cols).save(path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.shapes_eval", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default=str(REPO_ROOT / "data" / "weights" / "tiny-shapes.safetensors"))
+    p = argparse.ArgumentParser(prog="python -m bench.benchmarks.shapes_eval", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=str(WEIGHTS_DIR / "tiny-shapes.safetensors"))
     p.add_argument("--random", action="store_true", help="evaluate the seeded random embedded default instead")
     p.add_argument("--split", default="heldout", choices=["heldout", "train"])
     p.add_argument("--n", type=int, default=32)

@@ -1,7 +1,7 @@
 """Benchmark: our UNet step vs the diffusers UNet on the same weights and inputs, in one process.
 
-    python -m bench.speed                      # tiny and v1-5 at 32x32 latents
-    python -m bench.speed --latent 64 --configs v1-5
+    python -m bench.benchmarks.speed                      # tiny and v1-5 at 32x32 latents
+    python -m bench.benchmarks.speed --latent 64 --configs v1-5
 
 Runs alternate (ours, diffusers, ours, ...) after warmup so drift hits both sides alike; prints the
 median and p90 per call and the ratio ours / diffusers (target <= 1.05).
@@ -11,32 +11,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
-import time
 
 import torch
 
-from stable_diffusion import reference
+from bench import reference
+from bench.cost import percentiles, time_alternating
 from stable_diffusion.config import get_config
 from stable_diffusion.model import COMPONENT_PREFIXES
 from stable_diffusion.unet import UNetModel
-
-
-def time_calls(fns: dict[str, callable], warmup: int, repeats: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def p90(xs: list[float]) -> float:
-    return sorted(xs)[min(len(xs) - 1, int(0.9 * len(xs)))]
 
 
 @torch.inference_mode()
@@ -48,17 +30,17 @@ def bench_unet(config: str, latent: int, batch: int, warmup: int, repeats: int) 
     x = torch.randn(batch, cfg.unet.in_channels, latent, latent)
     ctx = torch.randn(batch, cfg.clip.max_length, cfg.unet.context_dim)
     t = torch.tensor(500)
-    times = time_calls(
+    times = time_alternating(
         {"ours": lambda: ours(x, t, ctx), "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx)},
         warmup,
         repeats,
     )
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["ours"] / med["diffusers"]
+    (ours_p50, ours_p90), (ref_p50, ref_p90) = percentiles(times["ours"]), percentiles(times["diffusers"])
+    ratio = ours_p50 / ref_p50
     print(
         f"{config:5s} latent {latent}x{latent} batch {batch}: "
-        f"ours {med['ours'] * 1e3:9.1f} ms (p90 {p90(times['ours']) * 1e3:9.1f}) | "
-        f"diffusers {med['diffusers'] * 1e3:9.1f} ms (p90 {p90(times['diffusers']) * 1e3:9.1f}) | "
+        f"ours {ours_p50 * 1e3:9.1f} ms (p90 {ours_p90 * 1e3:9.1f}) | "
+        f"diffusers {ref_p50 * 1e3:9.1f} ms (p90 {ref_p90 * 1e3:9.1f}) | "
         f"ratio ours/diffusers {ratio:.3f}",
         flush=True,
     )

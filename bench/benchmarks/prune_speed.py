@@ -1,8 +1,8 @@
 """Benchmark: exact unstructured L1 pruning of the full v1-5 UNet (860 M weights in 282 Linear/Conv2d layers).
 
-    python -m bench.prune_speed                     # 30% L1, global and per layer, with our code
-    python -m bench.prune_speed --torch-reference   # + torch.nn.utils.prune.l1_unstructured layer by layer
-    python -m bench.prune_speed --sizes             # + dense vs sparse safetensors size (writes a temp file)
+    python -m bench.benchmarks.prune_speed                     # 30% L1, global and per layer, with our code
+    python -m bench.benchmarks.prune_speed --torch-reference   # + torch.nn.utils.prune.l1_unstructured layer by layer
+    python -m bench.benchmarks.prune_speed --sizes             # + dense vs sparse safetensors size (writes a temp file)
 
 The UNet has default (random) init: the timings depend on sizes, not on trained values. Weights are restored
 from a copy between runs, so every run prunes the same dense weights. Peak RSS is the process high-water
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from bench.techniques import layers
 from bench.techniques.prune import measure, prunable_layers, prune
 from stable_diffusion.config import V1_5
 from stable_diffusion.unet import UNetModel
@@ -43,7 +44,7 @@ def reset_peak() -> None:
 
 
 def zeros(weights: list[torch.Tensor]) -> int:
-    return sum(w.numel() - int(torch.count_nonzero(w)) for w in weights)
+    return sum(layers.zeros(w) for w in weights)
 
 
 def timed(

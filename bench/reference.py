@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import SDConfig
+from stable_diffusion.config import SDConfig
 
 CLIP_PREFIX = "cond_stage_model.transformer."
 

@@ -1,8 +1,8 @@
 """Benchmark: one UNet step in ONNX Runtime (FP32 and each quantized mode) vs PyTorch FP32, in one process,
 with the peak memory of the export and of each quantization.
 
-    python -m bench.onnx_speed                       # tiny and v1-5 at 32x32 latents, batch 2
-    python -m bench.onnx_speed --configs v1-5 --latent 64 --modes dynamic-int8
+    python -m bench.benchmarks.onnx_speed                       # tiny and v1-5 at 32x32 latents, batch 2
+    python -m bench.benchmarks.onnx_speed --configs v1-5 --latent 64 --modes dynamic-int8
 
 Random-init UNets: speed does not depend on the weights. static-int8 is calibrated on a few random calls
 with timesteps spread over the schedule (real trajectories would change its ranges, not its speed).
@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import gc
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,11 +27,11 @@ import onnxruntime as ort
 import psutil
 import torch
 
-from bench.cost import PeakRSS
-from bench.onnx_backend import MODES, OrtUNet, int4_unavailable, quantize, quantized_nodes
-from bench.onnx_export import export_unet, model_size_bytes
-from bench.speed import benchmark_parser, p90, time_calls
-from bench.techniques.base import UNetCall
+from bench.benchmarks.speed import benchmark_parser
+from bench.calibration import UNetCall
+from bench.cost import PeakRSS, percentiles, time_alternating
+from bench.techniques.onnx.backend import MODES, OrtUNet, int4_unavailable, quantize, quantized_nodes
+from bench.techniques.onnx.export import export_unet, model_size_bytes
 from stable_diffusion.config import get_config
 from stable_diffusion.unet import UNetModel
 
@@ -56,8 +55,8 @@ def calib_calls(cfg, x: torch.Tensor, n: int) -> list[UNetCall]:
 def timed(modules: dict[str, Callable], inputs: tuple, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
     """(median, p90) seconds per call of each module on `inputs`, timed in alternation."""
     with torch.inference_mode():
-        times = time_calls({name: functools.partial(m, *inputs) for name, m in modules.items()}, warmup, repeats)
-    return {name: (statistics.median(ts), p90(ts)) for name, ts in times.items()}
+        times = time_alternating({name: functools.partial(m, *inputs) for name, m in modules.items()}, warmup, repeats)
+    return {name: percentiles(ts) for name, ts in times.items()}
 
 
 def row(name: str, t: tuple[float, float], ratio: str = "", note: str = "") -> None:

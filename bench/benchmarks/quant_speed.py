@@ -1,7 +1,7 @@
 """Benchmark: one UNet step in FP32 vs each quantization mode that runs real integer kernels, in one process.
 
-    python -m bench.quant_speed                        # tiny and v1-5 at 32x32 latents, batch 2
-    python -m bench.quant_speed --act-dtypes bf16,fp32 # also the weight-only kernels' fp32-activation path
+    python -m bench.benchmarks.quant_speed                        # tiny and v1-5 at 32x32 latents, batch 2
+    python -m bench.benchmarks.quant_speed --act-dtypes bf16,fp32 # also the weight-only kernels' fp32-activation path
 
 Random-init UNets (speed does not depend on the weights). The quantized variants share every tensor they
 do not replace with the FP32 model, so v1-5 needs ~3.4 GB plus the int8/int4 copies of its Linear weights.
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import copy
 import gc
-import statistics
 import time
 
 import torch
 from torch import nn
 
-from bench.speed import benchmark_parser, p90, time_calls
+from bench.benchmarks.speed import benchmark_parser
+from bench.cost import percentiles, time_alternating
 from bench.techniques.base import Setting
 from bench.techniques.quant import STATIC_MODES, Quantization
 from stable_diffusion.config import get_config
@@ -63,13 +63,13 @@ def bench_config(config: str, latent: int, batch: int, warmup: int, repeats: int
         )
         fns[name] = lambda m=out.module: m(x, t, ctx)
     with torch.inference_mode():
-        times = time_calls(fns, warmup, repeats)
-    base = statistics.median(times["fp32"])
+        times = time_alternating(fns, warmup, repeats)
+    base = percentiles(times["fp32"])[0]
     print(f"{config} latent {latent}x{latent} batch {batch} (median / p90 per UNet call, {repeats} alternating runs):")
     for name, ts in times.items():
-        med = statistics.median(ts)
+        med, p90 = percentiles(ts)
         ratio = "" if name == "fp32" else f"  ratio/fp32 {med / base:.3f}"
-        print(f"  {name:24s} {med * 1e3:9.1f} ms (p90 {p90(ts) * 1e3:9.1f}){ratio:20s} [{labels[name]}]", flush=True)
+        print(f"  {name:24s} {med * 1e3:9.1f} ms (p90 {p90 * 1e3:9.1f}){ratio:20s} [{labels[name]}]", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

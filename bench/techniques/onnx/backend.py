@@ -43,8 +43,8 @@ from torch import nn
 
 from stable_diffusion.errors import CheckpointError, InputError
 
-from .onnx_export import Exported, export_text_encoder, export_unet, export_vae_decoder, quiet_logs
-from .techniques.base import UNetCall
+from ...calibration import UNetCall
+from .export import Exported, export_text_encoder, export_unet, export_vae_decoder, quiet_logs
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,45 @@ def _without_preprocess_hint() -> Iterator[None]:
         root.removeFilter(keep)
 
 
+def _shared_gemm_weights(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Gemm nodes whose weight (input B) is an initializer that another node also reads."""
+    uses = Counter(name for node in model.graph.node for name in node.input)
+    inits = {i.name for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "Gemm" and len(n.input) > 1 and n.input[1] in inits
+            and uses[n.input[1]] > 1]  # fmt: skip
+
+
+def own_gemm_weights(src: Path, out_dir: Path) -> Path:
+    """`src`, or a copy in `out_dir` where every Gemm reads its own copy of a shared weight initializer.
+
+    ORT 1.31's quantize_dynamic (the newest onnxruntime-gpu) transposes a shared Gemm weight in place for
+    one consumer, silently corrupting the others; with private copies every Gemm quantizes its own weight.
+    The rewrite changes no arithmetic (fp32 outputs identical, tested).
+    """
+    if not _shared_gemm_weights(onnx.load(str(src), load_external_data=False)):
+        return src
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    uses = Counter(name for node in model.graph.node for name in node.input)
+    copies = 0
+    for node in _shared_gemm_weights(model):
+        name = node.input[1]
+        if uses[name] < 2:  # the last reader keeps the original
+            continue
+        copies += 1
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[name])
+        copy.name = f"{name}.gemm{copies}"
+        model.graph.initializer.append(copy)
+        node.input[1] = copy.name
+        uses[name] -= 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / src.name
+    onnx.save(model, str(out), save_as_external_data=True, location=out.name + ".data")
+    log.info("gave %d Gemm nodes their own weight copy before quantize_dynamic", copies)
+    return out
+
+
 def quantize(src: Path, mode: str, out_dir: Path, calls: list[UNetCall] | None = None) -> Path:
     """Write the `mode` version of the FP32 UNet model `src` into `out_dir`; returns its .onnx path."""
     if mode == "fp32":
@@ -273,8 +312,9 @@ def quantize(src: Path, mode: str, out_dir: Path, calls: list[UNetCall] | None =
              f" and {len(excluded)} time-projection nodes" if excluded else "")  # fmt: skip
     with quiet_logs(), _without_preprocess_hint():
         if mode in DYNAMIC_OPS:
+            own = own_gemm_weights(src, out_dir / "own-gemm-weights")
             quantize_dynamic(
-                src, out, op_types_to_quantize=DYNAMIC_OPS[mode], per_channel=True, weight_type=QuantType.QInt8,
+                own, out, op_types_to_quantize=DYNAMIC_OPS[mode], per_channel=True, weight_type=QuantType.QInt8,
                 reduce_range=not cpu_has_vnni(), use_external_data_format=True,
             )  # fmt: skip
         elif mode == "static-int8":

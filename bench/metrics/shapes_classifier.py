@@ -8,7 +8,7 @@ Trained on fresh generator images of *both* splits (it is a measuring instrument
 it must read held-out (shape, colour) pairs too), with mild blur / noise / colour-jitter augmentation so that
 imperfect generated images are still read. Train and save the shipped weights with
 
-    .venv/bin/python -m bench.shapes_classifier --train
+    .venv/bin/python -m bench.metrics.shapes_classifier --train
 
 and measure per-head accuracy on fresh held-out images with `--eval`.
 """
@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from stable_diffusion.defaults import WEIGHTS_DIR
 from stable_diffusion.shapes import VOCAB, ShapesDataset, to_tensor
 
-log = logging.getLogger("bench.shapes_classifier")
+log = logging.getLogger("bench.metrics.shapes_classifier")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-WEIGHTS = REPO_ROOT / "data" / "weights" / "shapes-classifier.safetensors"
+WEIGHTS = WEIGHTS_DIR / "shapes-classifier.safetensors"
 HEADS: tuple[str, ...] = tuple(VOCAB)
 FEATURES = 128
 TRAIN_SEED = 1001  # generator seeds of the classifier's training images (not the sweep's seed 0)
@@ -173,7 +173,7 @@ def evaluate(model: ShapesClassifier, split: str = "heldout", n: int = 512, seed
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="python -m bench.shapes_classifier", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.metrics.shapes_classifier", description=__doc__.split("\n")[0])
     p.add_argument("--train", action="store_true", help="train and save the weights")
     p.add_argument("--eval", action="store_true", help="per-head accuracy of the saved weights on held-out images")
     p.add_argument("--steps", type=int, default=1000)

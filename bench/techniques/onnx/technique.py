@@ -1,8 +1,8 @@
 """ONNX Runtime as a sweep backend: export the UNet (optionally pruned first), quantize it with ORT, sample.
 
-Each setting exports its copy of the FP32 UNet (`bench.onnx_export`, cached by content hash, so the
+Each setting exports its copy of the FP32 UNet (`export`, cached by content hash, so the
 settings of one sweep share one export per prune ratio), makes the `onnx_mode` version of it
-(`bench.onnx_backend.quantize`) and hands the runner an `OrtUNet`; the text encoder and VAE stay in
+(`backend.quantize`) and hands the runner an `OrtUNet`; the text encoder and VAE stay in
 PyTorch, so rows differ from the baseline by the UNet only and share its prompts, seeds and metrics.
 
 Axes: `onnx_mode` (fp32, dynamic-int8, dynamic-int8-conv, static-int8, int4), `onnx_prune` (global L1
@@ -22,17 +22,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from stable_diffusion.errors import InputError
 
-from .. import cost
-from ..onnx_backend import (
+from ... import cost
+from ...calibration import Calibration, UNetCall
+from ...registry import TECHNIQUES, Axis, Column, positive_int, text
+from ...schema import CORE
+from ..base import Compressed, Setting, Technique
+from ..layers import linear_and_conv, zero_fraction
+from ..prune import parse_ratio, prune
+from .backend import (
     MODES,
     OrtUNet,
     cpu_has_vnni,
@@ -42,9 +48,7 @@ from ..onnx_backend import (
     quantize,
     quantized_nodes,
 )
-from ..onnx_export import cache_root, export_unet, model_size_bytes
-from .base import Calibration, Compressed, Setting, Technique, UNetCall, check_choice
-from .prune import parse_ratio, prunable_layers, prune
+from .export import cache_root, export_unet, model_size_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,31 +70,42 @@ BITS = {  # mode -> (weight bits, activation bits); None = fp32
 PRUNED_DEFAULT = ("dynamic-int8", 0.5)  # the sparsity x INT8 row of the default sweep
 
 
-def _positive_int(value: str) -> int:
-    if not value.strip().isdigit() or int(value) < 1:
-        raise InputError(f"expected a positive integer, got {value!r}")
-    return int(value)
-
-
+@TECHNIQUES.register
 class OnnxRuntime(Technique):
     """UNet exported to ONNX and run by ONNX Runtime in FP32, INT8 (dynamic, static QDQ) or INT4."""
 
     name = "onnx"
+    summary = "UNet exported to ONNX, run by ONNX Runtime in FP32, INT8 (dynamic, static QDQ) or INT4"
+    order = 40
     needs_calibration = True  # only static-int8 settings ask for prompts (`calib_prompts`)
-    axes: ClassVar[dict[str, tuple[list[Any], Callable[[str], Any]]]] = {
-        "onnx_mode": (MODES, str.strip),
-        "onnx_prune": ([0.0], parse_ratio),
-        "calib_prompts": ([4], _positive_int),
-        "onnx_provider": (["cpu"], str.strip),
-    }
+    axes = (
+        Axis("onnx_mode", MODES, text, "ONNX Runtime mode (int4 only where this ORT can make it)", MODES),
+        Axis("onnx_prune", [0.0], parse_ratio, "global L1 pruning ratio applied before export"),
+        Axis("calib_prompts", [4], positive_int, "calibration prompts (static-int8)"),
+        Axis("onnx_provider", ["cpu"], text, "ONNX Runtime execution provider (cuda needs onnxruntime-gpu)",
+             PROVIDERS),
+    )  # fmt: skip
+    columns = (
+        Column("mode", "quantization mode", plot=False),
+        Column("bits_weights", "weight bit width (empty = fp32)", plot=False),
+        Column("bits_activations", "activation bit width (empty = fp32)", plot=False),
+        Column("sparsity", "measured fraction of zeros among the targeted weights",
+               label="sparsity of targeted weights (fraction)"),
+        Column("sparsity_unet", "measured fraction of zeros among all UNet Linear/Conv weights",
+               label="sparsity of all UNet weights (fraction)"),
+        Column("calib_prompts", "calibration prompts used", plot=False),
+        CORE["gflops_per_step"],  # of the PyTorch UNet: FlopCounterMode cannot see inside ORT
+    )  # fmt: skip
+
+    def unsupported(self, setting: Setting, device: torch.device | str) -> str | None:
+        return provider_unavailable(setting.params.get("onnx_provider", "cpu")) or super().unsupported(setting, device)
 
     def __init__(self, cache_dir: Path | None = None) -> None:
         self.cache_dir = cache_root(cache_dir)
 
     def settings(self, axes: Mapping[str, list[Any]]) -> list[Setting]:
-        if unknown := set(axes) - set(self.axes):
-            raise InputError(f"unknown onnx axes {sorted(unknown)}; choose from: {', '.join(self.axes)}")
-        modes = [check_choice("onnx_mode", m, MODES) for m in axes.get("onnx_mode", [])]
+        given = self.axis_values(axes)
+        modes = given["onnx_mode"] if "onnx_mode" in axes else []
         reason = int4_unavailable()
         if "int4" in modes and reason:
             raise InputError(f"onnx_mode int4 is unavailable: {reason}")
@@ -98,9 +113,7 @@ class OnnxRuntime(Technique):
             if reason:
                 log.info("onnx: leaving int4 out of the default modes: %s", reason)
             modes = [m for m in MODES if m != "int4" or reason is None]
-        ratios = [parse_ratio(r) for r in axes.get("onnx_prune", [0.0])]
-        calib = [_positive_int(str(n)) for n in axes.get("calib_prompts", [4])]
-        providers = [check_choice("onnx_provider", p, PROVIDERS) for p in axes.get("onnx_provider", ["cpu"])]
+        ratios, calib, providers = given["onnx_prune"], given["calib_prompts"], given["onnx_provider"]
         combos = [(m, r) for r in ratios for m in modes]
         if "onnx_mode" not in axes and "onnx_prune" not in axes:
             combos.append(PRUNED_DEFAULT)
@@ -160,11 +173,9 @@ class OnnxRuntime(Technique):
     @staticmethod
     def _params(setting: Setting) -> dict[str, Any]:
         params = {"onnx_prune": 0.0, "onnx_provider": "cpu", **setting.params}
-        if unknown := set(params) - set(OnnxRuntime.axes):
-            raise InputError(f"unknown onnx parameters {sorted(unknown)}; known: {', '.join(OnnxRuntime.axes)}")
-        check_choice("onnx_mode", params.get("onnx_mode"), MODES)
-        check_choice("onnx_provider", params["onnx_provider"], PROVIDERS)
-        params["onnx_prune"] = parse_ratio(params["onnx_prune"])
+        params = {k: OnnxRuntime.axis(k).check(v) for k, v in params.items()}
+        if "onnx_mode" not in params:
+            raise InputError(f"onnx setting {setting.id} names no onnx_mode")
         if params["onnx_mode"] == "static-int8":
             params.setdefault("calib_prompts", 4)
         elif "calib_prompts" in params:
@@ -176,8 +187,7 @@ def _prune(unet: nn.Module, ratio: float) -> float:
     """Global L1 pruning of every Linear/Conv2d weight (the prune technique's defaults), in place; returns
     the measured fraction of zeros among those weights."""
     prune(unet, ratio, method="l1", scope="global", target="all")
-    weights = [m.weight for _, m in prunable_layers(unet)]
-    return sum(w.numel() - int(torch.count_nonzero(w)) for w in weights) / sum(w.numel() for w in weights)
+    return zero_fraction([m.weight for _, m in linear_and_conv(unet)])
 
 
 def _gflops(unet: nn.Module, calls: list[UNetCall]) -> float | None:

@@ -43,7 +43,7 @@ from torch import nn
 from stable_diffusion.defaults import DATA_DIR
 from stable_diffusion.errors import CheckpointError
 
-from .cost import PeakRSS
+from ...cost import PeakRSS
 
 log = logging.getLogger(__name__)
 

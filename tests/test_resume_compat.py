@@ -1,0 +1,38 @@
+"""A run folder written before the registries (main at 276beb8) still resumes with today's code.
+
+tests/data/old-main-prune holds what that code wrote for
+`main.py --sweep prune --ratios 0,0.5 --num-images 2 --steps 2 --latency-repeats 1 --wandb-mode disabled
+--run-id old-main-prune` (results.csv, manifest.json, images/; plots and W&B left out). Resuming it with
+one more ratio must keep its three rows cell for cell (header upgraded), add only the new one, compare that one with
+the old run's baseline images read back from disk.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+from bench import report
+from tests.test_sweep import run_main
+
+OLD = Path(__file__).resolve().parent / "data" / "old-main-prune"
+# `shapes` meant the held-out captions then (today's `shapes` is shapes-val): the digest spells that set `shapes`
+ARGS = ["--sweep", "prune", "--num-images", "2", "--steps", "2", "--latency-repeats", "1", "--wandb-mode", "disabled",
+        "--prompts", "shapes-heldout"]  # fmt: skip
+
+
+def test_old_run_folder_resumes(tmp_path):
+    run_dir = tmp_path / "old-main-prune"
+    shutil.copytree(OLD, run_dir)
+    old_rows = report.read_rows(run_dir / "results.csv")
+    proc = run_main(*ARGS, "--ratios", "0,0.3,0.5", "--run-id", "old-main-prune", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 settings, 3 already finished, 1 to go" in proc.stderr
+    rows = report.read_rows(run_dir / "results.csv")
+    assert len(rows) == len(old_rows) + 1  # the old rows kept cell for cell (columns added since: empty)
+    for old, now in zip(old_rows, rows, strict=False):
+        assert {k: v for k, v in now.items() if v != ""} == {k: v for k, v in old.items() if v != ""}
+    new = rows[-1]
+    assert new["setting_id"] == "prune[method=l1,ratio=0.3,scope=global,target=all]"
+    assert math.isfinite(float(new["psnr"])) and float(new["ssim"]) < 1  # vs the old baseline's PNGs
