@@ -7,7 +7,6 @@ from torchmetrics built independently with the same weights.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -217,29 +216,6 @@ def test_fid_unavailable_without_weights(tmp_path: Path, _offline_hub: Path) -> 
 
 
 # -- CLIP score ---------------------------------------------------------------------------------------
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("clip")
-    (folder / "sdbench-tiny-clip.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / "sdbench-tiny-clip.json")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        state = open_clip.create_model("sdbench-tiny-clip", force_quick_gelu=True).state_dict()
-        # Share a dominant direction between the towers so every cosine is positive (torchmetrics clamps the
-        # mean at 0; random towers would make that clamp, not the math, decide the comparison).
-        bias = 3 * torch.randn(32)
-        state["ln_final.bias"], state["visual.ln_post.bias"] = bias, bias.clone()
-        state["text_projection"] = state["visual.proj"].clone()
-    path = folder / "tiny-clip.pt"
-    torch.save(state, path)
-    return path
 
 
 class _HFStyleCLIP(nn.Module):
