@@ -110,7 +110,11 @@ class SweepOptions:
         skip = {"out", "run_id", "resume", "wandb_project", "wandb_mode", *RESOLVED}
         if not with_settings:
             skip |= {"techniques", "axes"}
-        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        defaults = {
+            f.name: f.default_factory() if f.default_factory is not MISSING else f.default  # [] or {} counts too
+            for f in fields(self)
+            if f.default is not MISSING or f.default_factory is not MISSING
+        }
         keep = {
             k: v
             for k, v in asdict(self).items()
