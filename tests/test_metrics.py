@@ -304,7 +304,8 @@ def test_fidelity_of_the_baseline_itself_and_without_baseline() -> None:
     _, base = _pair(12)
     same = Fidelity(device="cpu").compute(base, PROMPTS[:3], base.clone())
     assert same["psnr"] == float("inf") and same["ssim"] == pytest.approx(1.0, abs=1e-6) and same["mse"] == 0.0
-    assert Fidelity().compute(base, PROMPTS[:3], None) == {"psnr": None, "ssim": None, "lpips": None, "mse": None}
+    empty = ("psnr", "psnr_ci_low", "psnr_ci_high", "ssim", "ssim_ci_low", "ssim_ci_high", "lpips", "mse")
+    assert Fidelity().compute(base, PROMPTS[:3], None) == dict.fromkeys(empty)  # no baseline: every column empty
 
 
 def test_lpips_matches_torchmetrics(alexnet_file: Path, monkeypatch: pytest.MonkeyPatch, _offline_hub: Path) -> None:
