@@ -92,6 +92,8 @@ class SweepOptions:
             raise InputError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.fid_size is not None and self.fid_size < 1:
+            raise InputError(f"--fid-size must be >= 1 pixel, got {self.fid_size}")
         if self.latency_repeats < 1:
             raise InputError(f"--latency-repeats must be >= 1, got {self.latency_repeats}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
