@@ -196,7 +196,8 @@ def plot_metrics(rows: Sequence[Row], out_dir: Path | str) -> list[Path]:
             ax.grid(alpha=0.3)
             constants = _constants(trows, {x[0]} if x else set())
             ax.set_title(f"{technique}{f' ({constants})' if constants else ''}: {label}\n{_protocol(rows)}", fontsize=9)
-            ax.legend(fontsize=7, loc="best")
+            if ax.get_legend_handles_labels()[0]:  # no baseline value (e.g. an empty column): no legend
+                ax.legend(fontsize=7, loc="best")
             fig.tight_layout()
             path = out_dir / f"{technique}_{metric}.png"
             _savefig(fig, path)
