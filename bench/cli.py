@@ -16,6 +16,7 @@ from typing import Any
 
 from stable_diffusion.errors import InputError
 
+from . import protocols
 from .modifiers.base import modifier_axes
 from .registry import TECHNIQUES, Axis
 from .sweep import RESOLVED, SweepOptions
@@ -32,11 +33,17 @@ PATH_FIELDS = {
 }
 RUN_FLAGS: list[tuple[str, type, str]] = [
     (
+        "--protocol",
+        str,
+        "published evaluation preset: coco2017-5k, coco2014-30k-bk, mlperf-sdxl-5k (bench/protocols.py)",
+    ),
+    (
         "--prompts",
         str,
-        "shapes (held-out captions of the built-in set, default), coco, parti, or a .txt/.tsv/.json",
+        "shapes (default: in-distribution shapes-val captions), shapes-heldout (held-out "
+        "compositions), coco (captions of the reference set), parti, coco2017-val-5k, or a .txt/.tsv/.csv/.json file",
     ),
-    ("--num-images", int, "images per setting (same prompts and seeds in every setting)"),
+    ("--num-images", int, "images per setting (same prompts and seeds in every setting; default 64)"),
     ("--steps", int, "sampling steps"),
     ("--sampler", str, "ddim (default), pndm, ddpm or euler"),
     ("--guidance", float, "classifier-free guidance scale"),
@@ -48,6 +55,9 @@ RUN_FLAGS: list[tuple[str, type, str]] = [
     ("--fid-weights", Path, "Inception weights for FID (pt_inception-2015-12-05-6726825d.pth)"),
     ("--clip-weights", Path, "open_clip checkpoint for the CLIP score"),
     ("--clip-model", str, "open_clip model name (default ViT-L-14)"),
+    ("--fid-size", int, "resize generated and reference images to this square size before FID (BK-SDM: 256)"),
+    ("--accuracy-window", str, "FID_LO,FID_HI: rows with FID outside get in_accuracy_window=False (MLPerf-style)"),
+    ("--clip-window", str, "CLIP_LO,CLIP_HI: the same gate on the CLIP score"),
     ("--lpips-weights", Path, "AlexNet backbone weights for LPIPS"),
     ("--batch-size", int, "prompts per UNet call (default 1); images keep their seeds, so they do not change"),
     ("--latency-repeats", int, "timed UNet calls per setting (after one warmup)"),
@@ -191,7 +201,7 @@ def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | No
     if not isinstance(file.get("sweep", {}), dict):
         raise InputError(f"[sweep] in {args.config_file} must be a table")
     run = dict(file.get("sweep", {}))
-    fields = {f.name for f in dataclasses.fields(SweepOptions)} - {"axes", *RESOLVED}
+    fields = {f.name for f in dataclasses.fields(SweepOptions)} - {"axes", "protocol_overrides", *RESOLVED}
     if unknown := set(run) - fields:
         raise InputError(f"unknown [sweep] keys in {args.config_file}: {', '.join(sorted(unknown))}")
     run = {key: _typed(key, value, args.config_file) for key, value in run.items()}
@@ -201,6 +211,11 @@ def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | No
             run[key] = value
     if resolution:
         run["resolution"] = resolution
+    for key in ("accuracy_window", "clip_window"):
+        if run.get(key) is not None:
+            run[key] = protocols.parse_window(run[key], "--" + key.replace("_", "-"))
+    if run.get("protocol"):
+        run["protocol_overrides"] = protocols.fill(run["protocol"], run)
     sweep = args.sweep or run.get("techniques")
     if not sweep:
         raise InputError(f"say what to sweep: --sweep {', '.join(TECHNIQUES.names())} or all")
@@ -236,4 +251,6 @@ def agent_args(o: SweepOptions, run_id: str) -> list[str]:
     args += ["--dtype", o.dtype, "--batch-size", str(o.batch_size)] + ["--fp32-reference"] * o.fp32_reference
     if o.checkpoint:
         args += ["--checkpoint", str(o.checkpoint)]
+    if o.protocol:
+        args += ["--protocol", o.protocol]
     return args

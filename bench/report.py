@@ -145,8 +145,16 @@ def _ci(metric: str) -> tuple[str, str] | None:
 
 
 def _ci_err(row: Row, y: float, ci: tuple[str, str]) -> tuple[float, float]:
+    """Error-bar lengths below/above y from the row's CI columns (0 where missing)."""
     low, high = finite(row, ci[0]), finite(row, ci[1])
-    return (y - low if low is not None else 0.0, high - y if high is not None else 0.0)
+    return (max(y - low, 0.0) if low is not None else 0.0, max(high - y, 0.0) if high is not None else 0.0)
+
+
+def _ci_note(ci: tuple[str, str]) -> str:
+    """The y-label note naming the interval: Wilson (proportions) or bootstrap, as the CI column says."""
+    column = schema.column(ci[0])
+    kind = "Wilson" if column is not None and "Wilson" in column.meaning else "bootstrap"
+    return f"\n(bars: 95% {kind} CI)"
 
 
 def plot_metrics(rows: Sequence[Row], out_dir: Path | str) -> list[Path]:
@@ -178,13 +186,19 @@ def plot_metrics(rows: Sequence[Row], out_dir: Path | str) -> list[Path]:
             base = _value(baseline, metric)
             if base is not None and math.isfinite(base):
                 ax.axhline(base * scale, ls="--", color="0.35", lw=1, label="FP32 baseline")
+                ci = _ci(metric)
+                low, high = (finite(baseline, ci[0]), finite(baseline, ci[1])) if ci else (None, None)
+                if low is not None and high is not None:
+                    ax.axhspan(low * scale, high * scale, color="0.35", alpha=0.12, lw=0, label="FP32 95% CI")
             elif base is not None:  # psnr of the baseline vs itself: nothing to draw, say why
                 ax.plot([], [], ls="--", color="0.35", label=f"FP32 baseline: {base:g} (identical images)")
-            ax.set_ylabel(label + ("\n(bars: 95% bootstrap CI)" if _ci(metric) else ""))
+            ci = _ci(metric)
+            ax.set_ylabel(label + (_ci_note(ci) if ci else ""))
             ax.grid(alpha=0.3)
             constants = _constants(trows, {x[0]} if x else set())
             ax.set_title(f"{technique}{f' ({constants})' if constants else ''}: {label}\n{_protocol(rows)}", fontsize=9)
-            ax.legend(fontsize=7, loc="best")
+            if ax.get_legend_handles_labels()[0]:  # no baseline value (e.g. an empty column): no legend
+                ax.legend(fontsize=7, loc="best")
             fig.tight_layout()
             path = out_dir / f"{technique}_{metric}.png"
             _savefig(fig, path)
@@ -202,7 +216,7 @@ def _draw_vs_x(ax: Any, rows: Sequence[Row], metric: str, scale: float, axis: st
         group = sorted(group, key=lambda r: _x(r, axis) or 0.0)
         ys = [finite(r, metric) or 0.0 for r in group]
         errs = [_ci_err(r, y, ci) for r, y in zip(group, ys, strict=True)] if ci else []
-        yerr = [[e[0] for e in errs], [e[1] for e in errs]] if ci else None
+        yerr = [[e[0] * scale for e in errs], [e[1] * scale for e in errs]] if ci else None
         ax.errorbar([_x(r, axis) for r in group], [y * scale for y in ys], yerr=yerr, marker="o", ms=4, capsize=3,
                     lw=1.2, label=name or None)  # fmt: skip
 
@@ -219,7 +233,7 @@ def _draw_per_setting(ax: Any, rows: Sequence[Row], metric: str, scale: float) -
             continue
         simulated = row.get("kernels") == "simulated"
         any_simulated |= simulated
-        yerr = [[v] for v in _ci_err(row, y, ci)] if ci else None
+        yerr = [[v * scale] for v in _ci_err(row, y, ci)] if ci else None
         ax.errorbar([i], [y * scale], yerr=yerr, marker="o", ms=7, capsize=3, color="C0",
                     mfc="none" if simulated else "C0")  # fmt: skip
     ax.set_xticks(range(len(rows)), labels, fontsize=7)

@@ -222,6 +222,12 @@ def update_manifest(path: Path, data: dict[str, Any]) -> dict[str, Any]:
                 f"{path.parent} holds a sweep with another protocol (model, prompts, sampler, steps, seed, "
                 "metrics...); use another --run-id or --out"
             )
+        was, now_sha = (old.get("prompts") or {}).get("sha256"), (data.get("prompts") or {}).get("sha256")
+        if was and now_sha and was != now_sha:  # same name, other content (an edited prompt file)
+            raise InputError(
+                f"{path.parent} holds a sweep whose prompts had other content (sha256 {was[:12]}, now "
+                f"{now_sha[:12]}); use another --run-id or --out"
+            )
         data = {**data, "started": old.get("started"), "resumed": [*old.get("resumed", []), now]}
         data["settings"] = list(dict.fromkeys([*old.get("settings", []), *data["settings"]]))
     else:

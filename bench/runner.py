@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import json
 import logging
 import os
 import time
@@ -30,10 +31,11 @@ from tqdm.auto import tqdm
 from stable_diffusion.errors import InputError, first_line
 from stable_diffusion.pipeline import Generation, StableDiffusion
 
-from . import cost, report, schema, wandb_report
+from . import cost, protocols, report, schema, stats, wandb_report
 from .accel.speedup import rewrite_with_speedups
 from .calibration import Calibration, Recorder
 from .cli import agent_args
+from .metrics.base import PER_IMAGE, interval_fields
 from .modifiers.base import ApplyContext, modifiers_for, technique_setting
 from .results import ResultsFile, write_atomic
 from .sweep import SweepPlan
@@ -59,6 +61,7 @@ class Runner:
         self.base_unet = self.sd.model.unet
         self.calibration: Calibration | None = None
         self.baseline: list[np.ndarray] | None = None
+        self.baseline_per_image: dict[str, list[float]] | None = None
 
     # -- sampling ---------------------------------------------------------------------------------
     def sample(
@@ -173,15 +176,57 @@ class Runner:
         """(parameters, dense safetensors bytes) of the uncompressed UNet."""
         return cost.count_params(self.base_unet)[0], cost.dense_size_bytes(self.base_unet.state_dict())
 
-    def quality(self, images: list[np.ndarray]) -> dict[str, object]:
+    def quality(self, images: list[np.ndarray], is_baseline: bool = False) -> tuple[dict[str, object], dict]:
+        """(row values incl. intervals and paired tests vs the baseline, per-image values by column)."""
         pixels, base = (
             torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).contiguous() / 255 for a in (images, self.baseline)
         )
         values: dict[str, object] = {}
+        per_image: dict[str, list[float]] = {}
         for metric in self.plan.metrics:
             if metric.unavailable() is None:
-                values.update(metric.compute(pixels, self.plan.prompts, base))
-        return values
+                out = metric.compute(pixels, self.plan.prompts, base)
+                mine = {k: [float(x) for x in v] for k, v in out.pop(PER_IMAGE, {}).items()}
+                per_image.update(mine)
+                values.update(out)
+                values.update(interval_fields(metric.intervals, mine, None if is_baseline else self.baseline_per_image))
+        differs = sorted(
+            k[: -len("_p")] for k, v in values.items() if k.endswith("_p") and v is not None and v < stats.ALPHA
+        )
+        if not is_baseline:
+            values["differs"] = ",".join(differs)
+        o = self.plan.options
+        values["in_accuracy_window"] = protocols.in_window(values, o.accuracy_window, o.clip_window)
+        return values, per_image
+
+    def _per_image_path(self, setting: Setting) -> Path:
+        return self.plan.run_dir / "per_image" / f"{setting.slug}.json"
+
+    def save_per_image(self, setting: Setting, per_image: dict[str, list[float]]) -> None:
+        """Per-image metric values of a finished setting (JSON; NaN = not applicable): the baseline's pair them."""
+        path = self._per_image_path(setting)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"setting_id": setting.id, "n": len(self.plan.prompts), "values": per_image}))
+
+    def load_baseline_per_image(
+        self, setting: Setting, images: list[np.ndarray] | None = None
+    ) -> dict[str, list[float]] | None:
+        """The baseline's per-image values on resume; recomputed from its images (`images`, else its saved PNGs)
+        when the file is missing. None when neither is there (the rows then carry no paired tests)."""
+        path = self._per_image_path(setting)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("n") == len(self.plan.prompts) and isinstance(data.get("values"), dict):
+                return data["values"]
+        except (OSError, ValueError) as e:  # missing (a run of an older version) or unreadable: recompute
+            log.info("%s: %s; recomputing the baseline's per-image values", path, first_line(e))
+        images = images if images is not None else self.load_images(setting)
+        if images is None:  # --fp32-reference sampled the reference, the baseline row's PNGs are gone
+            log.warning("%s: baseline images missing; rows run now carry no paired test", setting.id)
+            return None
+        _, per_image = self.quality(images, is_baseline=True)
+        self.save_per_image(setting, per_image)
+        return per_image
 
     def run_setting(self, setting: Setting, results: ResultsFile) -> None:
         compressed = self.compress(setting)
@@ -189,7 +234,8 @@ class Runner:
         try:
             with cost.PeakRSS(self.sd.device) as mem:
                 sampled = self.sample(self.plan.prompts, self.plan.seeds, setting.id, compressed.sampling)
-            if setting.technique == BASELINE and self.baseline is None:  # (--fp32-reference set it already)
+            is_baseline = setting.technique == BASELINE
+            if is_baseline and self.baseline is None:  # (--fp32-reference set it already)
                 self.baseline = sampled.images
             if not self.main:
                 return
@@ -213,18 +259,15 @@ class Runner:
                 "peak_mem_mb": mem.device_peak / 2**20,
                 **self.measure_cost(compressed.module),
             }
+            # NaN pixels were zeroed for the PNGs: comparing those would report a perfect match
+            quality, per_image = self.quality(sampled.images, is_baseline) if sampled.nonfinite == 0 else ({}, {})
             technique = self.plan.techniques.get(setting.technique)
             declared = {c.name for c in technique.columns} if technique else set()
-            fields = schema.assemble_row(
-                protocol,
-                dict(setting.params),
-                measured,
-                compressed.fields,
-                # NaN pixels were zeroed for the PNGs: comparing those would report a perfect match
-                self.quality(sampled.images) if sampled.nonfinite == 0 else {},
-                declared,
-            )
+            fields = schema.assemble_row(protocol, dict(setting.params), measured, compressed.fields, quality, declared)
             fields.setdefault("size_bytes", fields["size_dense_bytes"])
+            self.save_per_image(setting, per_image)
+            if is_baseline:
+                self.baseline_per_image = per_image
             results.append(fields)
         finally:
             self.sd.model.swap_unet(self.base_unet)
@@ -293,8 +336,11 @@ class Runner:
             self.baseline = self.fp32_reference()
         for setting in tqdm(plan.settings, desc="sweep", disable=not self.main):
             if setting.technique == BASELINE and setting.id in done:
+                own = None
                 if self.baseline is None:
-                    self.baseline = self.baseline_images(setting)
+                    own = self.baseline = self.baseline_images(setting)
+                if self.main:
+                    self.baseline_per_image = self.load_baseline_per_image(setting, own)
                 continue
             if setting.id in done or (self.state.num_processes == 1 and setting.id in results.finished()):
                 continue  # finished before, or meanwhile by another agent (sharded runs decide once, together)

@@ -47,6 +47,15 @@ HEAD: tuple[Column, ...] = (
            plot=False),
     Column("batch_size", "prompts per UNet call while sampling (--batch-size); images do not depend on it",
            plot=False),
+    Column("protocol", "--protocol preset (bench/protocols.py), +overrides(...) when options departed from it",
+           plot=False),
+)  # fmt: skip
+# The runner's verdicts over all metric columns (after them): paired tests and the accuracy gate.
+VERDICT: tuple[Column, ...] = (
+    Column("differs", "metrics whose paired test vs the baseline row gives p < 0.05 (comma list; empty: none detected)",
+           plot=False),
+    Column("in_accuracy_window",
+           "True/False: FID and CLIP score inside --accuracy-window / --clip-window (empty: no gate)", plot=False),
 )  # fmt: skip
 COST: tuple[Column, ...] = (
     Column("latency_step_p50_ms", "one UNet call (batch 2 = one image with guidance), median after warmup",
@@ -76,13 +85,13 @@ COST: tuple[Column, ...] = (
     Column("nonfinite_images", "images with NaN/Inf", label="images with NaN/Inf", better="lower"),
     Column("extra", "other technique fields (JSON)", plot=False),
 )  # fmt: skip
-CORE = {c.name: c for c in (*HEAD, *COST)}
+CORE = {c.name: c for c in (*HEAD, *VERDICT, *COST)}
 # Core columns a technique may set without declaring them: they say what it ran and how it is stored.
 TECHNIQUE_SET = frozenset({"backend", "kernels", "size_bytes"})
 
 
 def columns() -> list[Column]:
-    """Every results.csv column in order: head, technique columns (registry order), metric columns, cost.
+    """Every results.csv column in order: head, technique columns (registry order), metric columns, verdicts, cost.
 
     A column declared by several techniques appears once (the first declaration); a technique's
     declaration of a core column only lets it overwrite that column (see `runner.assemble_row`).
@@ -95,7 +104,7 @@ def columns() -> list[Column]:
     for metric in METRICS.classes():
         for c in metric.columns:
             out.setdefault(c.name, c)
-    out.update((c.name, c) for c in COST)
+    out.update((c.name, c) for c in (*VERDICT, *COST))
     return list(out.values())
 
 

@@ -21,7 +21,8 @@ from stable_diffusion.defaults import REPO_ROOT, embedded_checkpoint
 from stable_diffusion.errors import InputError
 from stable_diffusion.pipeline import DTYPES, StableDiffusion, check_device, load_pipeline
 
-from .data import COCO_DIR, PromptSet, ReferenceSet, file_sha256, load_prompts, load_reference
+from . import protocols
+from .data import COCO_DIR, PromptSet, ReferenceSet, file_sha256, load_prompts, load_reference, prompts_key, shapes_set
 from .manifest import git_sha, versions
 from .metrics.base import Metric
 from .modifiers.base import expand, modifier_axes, technique_setting
@@ -51,8 +52,8 @@ class SweepOptions:
     unsafe_load: bool = False
     dtype: str = "fp32"
     device: str | None = None
-    prompts: str = "shapes"
-    num_images: int = 16
+    prompts: str = "shapes"  # = shapes-val: in-distribution validation captions (bench.data.SHAPES_SETS)
+    num_images: int = 64
     steps: int = 20
     sampler: str = "ddim"
     guidance: float = 7.5
@@ -67,6 +68,13 @@ class SweepOptions:
     fid_weights: Path | None = None
     clip_weights: Path | None = None
     clip_model: str = "ViT-L-14"
+    clip_tag: str = "openai"  # open_clip pretrained tag (what --allow-download fetches)
+    clip_quick_gelu: bool = True  # OpenAI CLIP weights; False for LAION ones
+    fid_size: int | None = None  # resize generated and reference images to this square size for FID
+    protocol: str | None = None  # a bench.protocols preset (it filled the options above)
+    protocol_overrides: list[str] = field(default_factory=list)  # options the user set against the preset
+    accuracy_window: tuple[float, float] | None = None  # FID window: rows outside get in_accuracy_window=False
+    clip_window: tuple[float, float] | None = None  # CLIP-score window, the same
     lpips_weights: Path | None = None
     allow_download: bool = False
     latency_repeats: int = 5
@@ -84,6 +92,8 @@ class SweepOptions:
             raise InputError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.fid_size is not None and self.fid_size < 1:
+            raise InputError(f"--fid-size must be >= 1 pixel, got {self.fid_size}")
         if self.latency_repeats < 1:
             raise InputError(f"--latency-repeats must be >= 1, got {self.latency_repeats}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
@@ -102,7 +112,11 @@ class SweepOptions:
         skip = {"out", "run_id", "resume", "wandb_project", "wandb_mode", *RESOLVED}
         if not with_settings:
             skip |= {"techniques", "axes"}
-        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        defaults = {
+            f.name: f.default_factory() if f.default_factory is not MISSING else f.default  # [] or {} counts too
+            for f in fields(self)
+            if f.default is not MISSING or f.default_factory is not MISSING
+        }
         keep = {
             k: v
             for k, v in asdict(self).items()
@@ -113,6 +127,8 @@ class SweepOptions:
         if self.height is not None and default_resolution is not None:  # the preset's size given or not: one protocol
             given = (self.height, self.width)
             keep["resolution"] = None if given == default_resolution else list(given)
+        if "prompts" in keep:  # the prompt set's meaning, spelled as the first version did where it had one
+            keep["prompts"] = prompts_key(self.prompts)
         keep["model"] = model_id
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -145,6 +161,8 @@ class SweepPlan:
             for s in technique_settings(technique, o.axes):
                 if s.id not in {x.id for x in self.settings}:
                     self.settings.append(s)
+        if o.protocol:  # a preset's missing input fails here, before the model loads
+            protocols.check_inputs(o.protocol, o.reference, o.fid_weights, o.clip_weights, o.allow_download)
         self.checkpoint = Path(o.checkpoint or embedded_checkpoint())
         self.pipeline = self.load_pipeline(o.dtype)
         for technique in self.techniques.values():
@@ -156,7 +174,9 @@ class SweepPlan:
         o.height, o.width = o.resolution or self.default_resolution
         self.pipeline.check(steps=o.steps, guidance=o.guidance, height=o.height, width=o.width, sampler=o.sampler)
 
-        self.reference = load_reference(o.reference or COCO_DIR / "images", o.reference_captions)
+        self.reference = load_reference(
+            o.reference or COCO_DIR / "images", o.reference_captions, require_captions=not o.protocol
+        )
         prompt_set: PromptSet = load_prompts(o.prompts, self.reference)
         if len(prompt_set.prompts) < o.num_images:
             raise InputError(
@@ -166,8 +186,10 @@ class SweepPlan:
         self.prompts = prompt_set.prompts[: o.num_images]
         self.seeds = [o.seed + i for i in range(o.num_images)]
         n_calib = max([int(s.params.get("calib_prompts", 0)) for s in self.settings] + [0])
-        calib_source = "shapes" if o.prompts == "shapes" else "coco"
-        self.calibration_prompts = load_prompts(calib_source, self.reference, caption_index=1).prompts[:n_calib]
+        calib_source = "shapes" if shapes_set(o.prompts) else "coco"
+        # a preset's reference folder has no captions: calibrate on the shipped COCO subset's second captions
+        calib_reference = self.reference if all(self.reference.captions) else None
+        self.calibration_prompts = load_prompts(calib_source, calib_reference, caption_index=1).prompts[:n_calib]
         self.metrics = build_metrics(o, self.reference)
         for metric in self.metrics:
             metric.prepare()  # bad weights fail here (exit 2), before anything is sampled or written
@@ -249,6 +271,7 @@ class SweepPlan:
             "dtype": self.options.dtype,
             "reference_dtype": self.reference_dtype,
             "batch_size": self.options.batch_size,
+            "protocol": protocols.label(self.options.protocol, self.options.protocol_overrides),
         }
 
     @property
@@ -269,6 +292,9 @@ class SweepPlan:
             "host": {"platform": platform.platform(), "threads": torch.get_num_threads()},
             "model": {"preset": self.pipeline.cfg.name, "file": str(self.checkpoint), "sha256": self.model_sha256},
             "protocol": self.row_protocol(),
+            "protocol_preset": {**protocols.get(o.protocol).describe(), "overrides": o.protocol_overrides}
+            if o.protocol
+            else None,
             "prompts": {"set": self.prompt_set.name, "sha256": self.prompt_set.sha256, "count": len(self.prompts)},
             "reference": {"images": len(self.reference.images), "sha256": self.reference.sha256},
             "calibration_prompts": len(self.calibration_prompts),

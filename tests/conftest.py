@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 
@@ -43,3 +46,29 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
+
+
+# A tiny open_clip architecture with seeded weights: a stand-in CLIP for metric and protocol tests.
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def clip_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "sdbench-tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder / "sdbench-tiny-clip.json")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        state = open_clip.create_model("sdbench-tiny-clip", force_quick_gelu=True).state_dict()
+        # Share a dominant direction between the towers so every cosine is positive (torchmetrics clamps the
+        # mean at 0; random towers would make that clamp, not the math, decide the comparison).
+        bias = 3 * torch.randn(32)
+        state["ln_final.bias"], state["visual.ln_post.bias"] = bias, bias.clone()
+        state["text_projection"] = state["visual.proj"].clone()
+    path = folder / "tiny-clip.pt"
+    torch.save(state, path)
+    return path

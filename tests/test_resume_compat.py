@@ -9,15 +9,20 @@ the old run's baseline images read back from disk.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from bench import report
+from bench.sweep import DIGEST_V1, SweepOptions
 from tests.test_sweep import run_main
 
 OLD = Path(__file__).resolve().parent / "data" / "old-main-prune"
-ARGS = ["--sweep", "prune", "--num-images", "2", "--steps", "2", "--latency-repeats", "1", "--wandb-mode", "disabled"]
+# `shapes` meant the held-out captions then (today's `shapes` is shapes-val): the digest spells that set `shapes`
+ARGS = ["--sweep", "prune", "--num-images", "2", "--steps", "2", "--latency-repeats", "1", "--wandb-mode", "disabled",
+        "--prompts", "shapes-heldout"]  # fmt: skip
 
 
 def test_old_run_folder_resumes(tmp_path):
@@ -34,3 +39,17 @@ def test_old_run_folder_resumes(tmp_path):
     new = rows[-1]
     assert new["setting_id"] == "prune[method=l1,ratio=0.3,scope=global,target=all]"
     assert math.isfinite(float(new["psnr"])) and float(new["ssim"]) < 1  # vs the old baseline's PNGs
+
+
+def test_old_protocol_digest_from_its_options():
+    """The old manifest's options give its protocol digest today (with `shapes` spelled `shapes-heldout`): every
+    option added since, `[]`-defaulted ones included, stays out of the digest at its default, enters it otherwise."""
+    manifest = json.loads((OLD / "manifest.json").read_text())
+    old = {k: Path(v) if k == "out" else v for k, v in manifest["options"].items()}
+    options = SweepOptions(**{**old, "prompts": "shapes-heldout"})
+    model = manifest["model"]["sha256"]
+    assert options.digest(model, with_settings=False) == manifest["protocol_digest"]
+    changed = {"protocol_overrides": ["steps"], "accuracy_window": (1.0, 2.0), "fid_size": 256, "batch_size": 2}
+    for key, value in changed.items():
+        assert key not in DIGEST_V1
+        assert replace(options, **{key: value}).digest(model, with_settings=False) != manifest["protocol_digest"], key

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.metrics.base import PER_IMAGE
 from bench.metrics.shapes import CHANCE_ALL, PromptAccuracy, ShapesFID, shapes_fid
 from bench.metrics.shapes_classifier import WEIGHTS, evaluate, load_classifier
 from stable_diffusion.shapes import ShapesDataset, to_tensor
@@ -29,7 +30,12 @@ def test_prompt_accuracy_real_vs_noise():
     images, prompts = _real("heldout", 4242, 128)
     real = metric.compute(images, prompts, None)
     assert real["prompt_accuracy"] >= 0.9 and real["prompt_acc_n"] == 128
+    per_image = real.pop(PER_IMAGE)
     assert set(real) <= set(metric.column_names())
+    for column, values in per_image.items():  # per-image 0/1 values average to the row's number
+        assert len(values) == 128 and float(values.mean()) == pytest.approx(real[column])
+    mixed = metric.compute(images[:3], [prompts[0], "a cat", prompts[2]], None)[PER_IMAGE]["prompt_accuracy"]
+    assert mixed[1].isnan() and not mixed[[0, 2]].isnan().any()  # a non-shapes prompt is not applicable
     noise = metric.compute(torch.rand(128, 3, 64, 64, generator=torch.Generator().manual_seed(0)), prompts, None)
     assert noise["prompt_accuracy"] <= 0.05  # chance: 1/1800
     assert CHANCE_ALL == pytest.approx(1 / 1800)

@@ -133,6 +133,7 @@ def test_accelerate_two_processes_equal_single(prune_run, tmp_path):
         (["--sweep", "prune", "--reference", "MISSING"], "does not exist"),
         (["--sweep", "prune", "--out", "FILE/sub"], "cannot write"),
         (["--sweep", "prune", "--num-images", "0"], "num-images"),
+        (["--sweep", "prune", "--fid-size", "0"], "fid-size"),
         (["--sweep", "prune", "--config-file", "MISSING"], "does not exist"),
     ],
 )

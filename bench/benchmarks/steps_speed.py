@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from bench.feature_cache import CachedUNet
 from bench.metrics.fidelity import Fidelity
 from bench.metrics.shapes import HEADS, PromptAccuracy
+from bench.stats import wilson_interval
 from bench.techniques.distilled import Distilled, student_file
 from stable_diffusion.config import V1_5
 from stable_diffusion.defaults import embedded_checkpoint
@@ -39,13 +40,9 @@ from stable_diffusion.unet import UNetModel
 from stable_diffusion.vae import AutoencoderKL
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n."""
-    if n == 0:
-        return math.nan, math.nan
-    p, d = k / n, 1 + z**2 / n
-    centre, half = (p + z**2 / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / d
-    return centre - half, centre + half
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """95 % Wilson interval of k/n (NaN for n = 0)."""
+    return wilson_interval(k, n) if n else (math.nan, math.nan)
 
 
 def alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

@@ -11,7 +11,7 @@ per-image scores.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -21,7 +21,7 @@ from stable_diffusion.errors import InputError, first_line
 
 from ..data import file_sha256
 from ..registry import METRICS, Column
-from .base import Metric
+from .base import PER_IMAGE, Metric, per_image_columns
 
 
 def load_clip_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
@@ -59,9 +59,15 @@ class CLIPScore(Metric):
 
     name = "clip_score"
     order = 30
+    intervals: ClassVar[dict[str, tuple[str, bool]]] = {
+        "clip_score": ("mean", True)
+    }  # bootstrap of the per-image mean; paired test vs FP32
     columns = (
-        Column("clip_score", "100 * cos(image, text), torchmetrics semantics (empty without CLIP weights)",
-               label="CLIP score (100·cos)", better="higher"),
+        *per_image_columns(
+            Column("clip_score", "100 * cos(image, text), torchmetrics semantics (empty without CLIP weights)",
+                   label="CLIP score (100·cos)", better="higher"),
+            *intervals["clip_score"],
+        ),
         Column("clip_score_std", "std over images", plot=False),
         Column("clip_model", "open_clip model and weights sha256 prefix", plot=False),
     )  # fmt: skip
@@ -69,7 +75,8 @@ class CLIPScore(Metric):
     @classmethod
     def from_options(cls, options: Any, reference: Any) -> CLIPScore:
         return cls(model_name=options.clip_model, weights_path=options.clip_weights,
-                   allow_download=options.allow_download)  # fmt: skip
+                   allow_download=options.allow_download, download_tag=options.clip_tag,
+                   quick_gelu=options.clip_quick_gelu)  # fmt: skip
 
     def __init__(
         self,
@@ -194,4 +201,5 @@ class CLIPScore(Metric):
             "clip_score": max(float(scores.mean()), 0.0),
             "clip_score_std": float(scores.std()) if len(scores) > 1 else None,
             "clip_model": self.model_id(),
+            PER_IMAGE: {"clip_score": scores},
         }

@@ -100,6 +100,8 @@ class FID(Metric):
         generated size and returning [N, d] (torchmetrics' custom-feature path), e.g. an in-domain extractor.
     cache_dir: where reference features are cached (safetensors: mean, cov, features); None = memory only.
     bootstrap / seed: resamples of the generated features for the CI (0 disables it).
+    resize: square size both generated and reference images are bicubic-resized to before the extractor
+        (BK-SDM's FID at 256 of 512 px images); None = the generated size.
     """
 
     name = "fid"
@@ -112,7 +114,7 @@ class FID(Metric):
     @classmethod
     def from_options(cls, options: Any, reference: Any) -> FID:
         return cls(weights_path=options.fid_weights, reference=reference, cache_dir=FID_CACHE,
-                   allow_download=options.allow_download)  # fmt: skip
+                   allow_download=options.allow_download, resize=options.fid_size)  # fmt: skip
 
     def __init__(
         self,
@@ -128,7 +130,9 @@ class FID(Metric):
         seed: int = 0,
         batch_size: int = 32,
         device: str | torch.device | None = None,
+        resize: int | None = None,
     ) -> None:
+        self.resize = resize
         self.reference: list[ImageLike] = list(getattr(reference, "images", reference))
         self._reference_sha = getattr(reference, "sha256", None)  # ReferenceSet already hashed its files
         self.weights_path = Path(weights_path) if weights_path else None
@@ -193,7 +197,9 @@ class FID(Metric):
             "inception_resize": "to 299 by torch-fidelity's TF1-compatible bilinear (antialias=False), as the TF FID; "
             "pytorch-fid's torch bilinear is close but not bit-identical",
             "reference_preprocess": PREPROCESS,
-            "generated_preprocess": "round(x * 255) to uint8 (custom extractors get that / 255)",
+            "generated_preprocess": "round(x * 255) to uint8 (custom extractors get that / 255)"
+            + (f", then PIL bicubic resize to {self.resize}x{self.resize}" if self.resize else ""),
+            "fid_size": self.resize,
             "statistics": "torchmetrics FrechetInceptionDistance on the features (float64 sums)",
             "bootstrap": {
                 "resamples": self.bootstrap,
@@ -337,15 +343,24 @@ class FID(Metric):
         low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
         return fid, low - bias, high - bias, bias
 
+    def _resized(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images, bicubic-resized (PIL, as the reference) to `resize` when set."""
+        pixels = _to_uint8(images)
+        if not self.resize:
+            return pixels
+        size = (self.resize, self.resize)
+        pil = [Image.fromarray(a.permute(1, 2, 0).numpy()).resize(size, Image.Resampling.BICUBIC) for a in pixels]
+        return torch.stack([pil_to_tensor(p) for p in pil])
+
     def compute(self, images: torch.Tensor, prompts: list[str], baseline: torch.Tensor | None) -> dict[str, Any]:
-        size = (int(images.shape[-2]), int(images.shape[-1]))
+        size = (self.resize, self.resize) if self.resize else (int(images.shape[-2]), int(images.shape[-1]))
         self._last = {"n": len(images), "resolution": f"{size[1]}x{size[0]}"}
         if len(images) < 2:  # a covariance needs two samples: leave FID empty rather than fail the row
             return {"fid_n": len(images)}
         self.prepare()
         if self.unavailable():
             return {}
-        fake = self.features(_to_uint8(images))
+        fake = self.features(self._resized(images))
         fid, low, high, bias = self.fid_with_ci(self.reference_features(size), fake)
         features = f"{self.feature_name}:{(self.weights_sha256() or 'unknown')[:12]}"
         return {"fid": fid, "fid_ci_low": low, "fid_ci_high": high, "fid_n": len(fake), "fid_features": features,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torchmetrics.functional import mean_squared_error
@@ -25,7 +25,7 @@ from stable_diffusion.checkpoint import safe_load
 from stable_diffusion.errors import InputError
 
 from ..registry import METRICS, Column
-from .base import Metric, weights_file
+from .base import PER_IMAGE, Metric, per_image_columns, weights_file
 
 
 def _alexnet_url() -> str:
@@ -72,10 +72,18 @@ class Fidelity(Metric):
 
     name = "fidelity"
     order = 10
+    # bootstrap intervals only: these already compare with FP32 image by image, so a paired test has no null
+    intervals: ClassVar[dict[str, tuple[str, bool]]] = {"psnr": ("mean", False), "ssim": ("mean", False)}
     columns = (
-        Column("psnr", "dB vs the baseline images of reference_dtype (mean over images)",
-               label="PSNR vs FP32 images (dB)", better="higher"),
-        Column("ssim", "SSIM vs the same reference images", label="SSIM vs FP32 images", better="higher"),
+        *per_image_columns(
+            Column("psnr", "dB vs the baseline images of reference_dtype (mean over images)",
+                   label="PSNR vs FP32 images (dB)", better="higher"),
+            *intervals["psnr"],
+        ),
+        *per_image_columns(
+            Column("ssim", "SSIM vs the same reference images", label="SSIM vs FP32 images", better="higher"),
+            *intervals["ssim"],
+        ),
         Column("lpips", "LPIPS vs the same reference images (empty without backbone weights)",
                label="LPIPS vs FP32 images", better="lower"),
         Column("mse", "pixel MSE vs baseline, [0,1] range", label="pixel MSE vs FP32 images ([0,1] range)",
@@ -183,4 +191,5 @@ class Fidelity(Metric):
             "ssim": float(ssim.mean()),
             "lpips": self.lpips(x, y),
             "mse": float(mean_squared_error(x, y)),
+            PER_IMAGE: {"psnr": psnr.double(), "ssim": ssim.double()},
         }

@@ -16,23 +16,27 @@ default) and prompts written in its caption language; they are NOT comparable wi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from stable_diffusion.shapes import VOCAB, ShapesDataset, parse_caption
 
-from ..data import file_sha256
+from ..data import file_sha256, shapes_set
 from ..registry import METRICS, Column
-from .base import Metric
+from .base import PER_IMAGE, Metric, per_image_columns
 from .fid import FID, FID_CACHE, fid_columns
 
 HEADS = tuple(VOCAB)
 CHANCE_ALL = 1.0 / float(torch.tensor([len(v) for v in VOCAB.values()]).prod())
 CHANCE_PER_HEAD = {h: 1.0 / len(v) for h, v in VOCAB.items()}
-REFERENCE_SEED = 0  # held-out reference images: ShapesDataset("heldout", seed=0), as the default sweep prompts
+REFERENCE_SEED = 0  # default reference: ShapesDataset("heldout", seed=0); sweeps pass their prompt set's split/seed
 
 
+# Wilson intervals; paired sign-flip test vs FP32 (same prompts and seeds)
+ACCURACY_INTERVALS: dict[str, tuple[str, bool]] = {
+    c: ("proportion", True) for c in ("prompt_accuracy", *(f"prompt_acc_{h}" for h in HEADS))
+}
 TRAIN = "python -m bench.metrics.shapes_classifier --train"  # how to make the classifier weights
 
 
@@ -52,10 +56,18 @@ class PromptAccuracy(Metric):
 
     name = "prompt_accuracy"
     order = 40
+    intervals: ClassVar[dict[str, tuple[str, bool]]] = ACCURACY_INTERVALS
     columns = (
-        Column("prompt_accuracy", "images whose shapes-classifier attributes all match the prompt (chance 1/1800)",
-               label="prompt accuracy, all attributes (shapes classifier)", better="higher"),
-        *(Column(f"prompt_acc_{h}", f"prompt accuracy of the {h} attribute alone", better="higher") for h in HEADS),
+        *per_image_columns(
+            Column("prompt_accuracy",
+                   "images whose shapes-classifier attributes all match the prompt (chance 1/1800)",
+                   label="prompt accuracy, all attributes (shapes classifier)", better="higher"),
+            *ACCURACY_INTERVALS["prompt_accuracy"],
+        ),
+        *(c for h in HEADS for c in per_image_columns(
+            Column(f"prompt_acc_{h}", f"prompt accuracy of the {h} attribute alone", better="higher"),
+            *ACCURACY_INTERVALS[f"prompt_acc_{h}"],
+        )),
         Column("prompt_acc_n", "prompts parsed as shapes captions", plot=False),
     )  # fmt: skip
 
@@ -110,6 +122,12 @@ class PromptAccuracy(Metric):
         out: dict[str, Any] = {"prompt_accuracy": sum(allok) / len(allok)}
         out.update({f"prompt_acc_{h}": sum(v) / len(v) for h, v in hits.items()})
         out["prompt_acc_n"] = len(idx)
+        per_image = {}
+        for column, values in [("prompt_accuracy", allok), *((f"prompt_acc_{h}", v) for h, v in hits.items())]:
+            full = torch.full((len(images),), float("nan"), dtype=torch.float64)  # NaN: prompt not a shapes caption
+            full[idx] = torch.tensor(values, dtype=torch.float64)
+            per_image[column] = full
+        out[PER_IMAGE] = per_image
         return out
 
 
@@ -124,14 +142,17 @@ class ShapesFID(FID):
     name = "shapes_fid"
     order = 50
     columns = fid_columns(
-        "shapes_fid", "FID on shapes-classifier features vs held-out generator images (not comparable with FID)",
-        "shapes-FID vs held-out generator images", "generated images in the shapes-FID",
+        "shapes_fid", "FID on shapes-classifier features vs generator images of the prompt set's split and seed "
+        "(held-out ones for non-shapes prompts; not comparable with FID)",
+        "shapes-FID vs generator images", "generated images in the shapes-FID",
         "shapes-classifier weights sha256 prefix",
     )  # fmt: skip
 
     @classmethod
     def from_options(cls, options: Any, reference: Any) -> ShapesFID:
-        return shapes_fid(n_reference=256, cache_dir=FID_CACHE)
+        # against the prompt set's own scenes (its split and seed); held-out scenes for other prompt sets
+        _, split, seed = shapes_set(options.prompts) or shapes_set("shapes-heldout")
+        return shapes_fid(n_reference=256, split=split, seed=seed, cache_dir=FID_CACHE)
 
     def __init__(self, reference: Any, weights_path: str | Path | None = None, **kwargs: Any) -> None:
         from bench.metrics.shapes_classifier import PenultimateFeatures, load_classifier
@@ -157,11 +178,14 @@ class ShapesFID(FID):
         return {"shapes_" + k: v for k, v in out.items()}
 
 
-def heldout_reference(n: int = 256, seed: int = REFERENCE_SEED, size: int = 64) -> list:
-    """n real held-out-split generator images (PIL), the default shapes-FID reference."""
-    return ShapesDataset("heldout", seed, size).images(0, n)
+def shapes_reference(n: int = 256, split: str = "heldout", seed: int = REFERENCE_SEED, size: int = 64) -> list:
+    """n real generator images (PIL) of a split and seed: the shapes-FID reference of the prompt set drawn there."""
+    return ShapesDataset(split, seed, size).images(0, n)
 
 
-def shapes_fid(reference: Any | None = None, n_reference: int = 256, **kwargs: Any) -> ShapesFID:
-    """A `ShapesFID` against `reference` (default: `n_reference` held-out generator images, seed 0)."""
-    return ShapesFID(reference if reference is not None else heldout_reference(n_reference), **kwargs)
+def shapes_fid(
+    reference: Any | None = None, n_reference: int = 256, split: str = "heldout", seed: int = REFERENCE_SEED,
+    **kwargs: Any,
+) -> ShapesFID:  # fmt: skip
+    """A `ShapesFID` against `reference` (default: `n_reference` generator images of `split`/`seed`)."""
+    return ShapesFID(reference if reference is not None else shapes_reference(n_reference, split, seed), **kwargs)
