@@ -89,12 +89,29 @@ class PeakRSS:
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters) of a module (float tensors in its state dict)."""
+    """(parameters, non-zero parameters) of a module (float tensors in its state dict, each counted once).
+
+    A tensor shared under two names (a compiled wrapper also holding the original module) counts once; a
+    torchao quantized weight counts its logical elements, and its non-zeros are those of its integer data."""
     total = nonzero = 0
+    seen: set[tuple[int, tuple[int, ...]]] = set()
     for v in module.state_dict().values():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            total += v.numel()
-            nonzero += int(torch.count_nonzero(v))
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            continue
+        if hasattr(v, "__tensor_flatten__"):  # tensor subclass: count through its packed data
+            names, _ = v.__tensor_flatten__()
+            inner = [getattr(v, n) for n in names]
+            data = next((t for t in inner if t.numel() == v.numel()), None)
+            key = (id(v), tuple(v.shape))
+            count = int(torch.count_nonzero(data)) if data is not None else v.numel()
+        else:
+            key = (v.untyped_storage().data_ptr() + v.storage_offset() * v.element_size(), tuple(v.shape))
+            count = int(torch.count_nonzero(v))
+        if key in seen:
+            continue
+        seen.add(key)
+        total += v.numel()
+        nonzero += count
     return total, nonzero
 
 

@@ -61,7 +61,8 @@ class StableDiffusion:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The pipeline dtype: the VAE's (a swapped-in UNet may run in another dtype behind a cast wrapper)."""
+        return next(self.model.vae.parameters()).dtype
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:

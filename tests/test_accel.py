@@ -29,6 +29,7 @@ from bench.accel.pt2e import int8_op_counts, quantize_pt2e_x86
 from bench.accel.speedup import rewrite_with_speedups, with_speedups
 from bench.calibration import Calibration, Recorder
 from bench.cli import add_sweep_args, options_from_args
+from bench.cost import count_params
 from bench.results import ResultsFile
 from bench.techniques.base import Setting
 from bench.techniques.precision import Precision
@@ -114,6 +115,27 @@ def test_torchao_modes_put_int8_tensor_subclasses_on_every_linear(tiny_model, ca
     assert out.fields["quantized_layers"] == len(linears) and out.fields["compile"] == "eager"
     assert out.fields["kernels"].startswith({"int8-dynamic": "int8 GEMM", "int8-weight": "int8-weight-only"}[mode])
     assert rel_err(run(out.module, inputs), run(tiny_model.unet, inputs)) <= TOL[mode]
+    # the cost columns count a quantized weight by its logical elements, non-zeros through its int8 data
+    assert count_params(out.module)[0] == count_params(tiny_model.unet)[0]
+    assert 0.9 * count_params(tiny_model.unet)[1] <= count_params(out.module)[1] <= count_params(tiny_model.unet)[1]
+
+
+def test_precision_row_samples_in_the_pipeline_dtype(tiny_model):
+    """A cast UNet does not change the pipeline's dtype: latents, VAE and images stay fp32."""
+    model = copy.deepcopy(tiny_model)
+    model.swap_unet(P.apply(copy.deepcopy(tiny_model.unet), Setting("precision", {"unet_dtype": "fp16"})).module)
+    sd = StableDiffusion(model)
+    assert sd.dtype == torch.float32
+    assert sd("a red circle", seed=0, **{**SAMPLE, "steps": 2}).latents.dtype == torch.float32
+
+
+def test_count_params_counts_a_shared_tensor_once(tiny_model):
+    class Twice(nn.Module):  # as a compiled wrapper that also holds the original module
+        def __init__(self, unet: nn.Module) -> None:
+            super().__init__()
+            self.a, self.b = unet, unet
+
+    assert count_params(Twice(tiny_model.unet)) == count_params(tiny_model.unet)
 
 
 @pytest.fixture(scope="module")

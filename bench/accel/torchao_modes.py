@@ -8,6 +8,8 @@ mode (`bench.accel.pt2e`) is the one that quantizes convs. The weights become to
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
 
@@ -24,6 +26,8 @@ ACT_BITS = {"int8-dynamic": 8, "int8-weight": None, "int4-weight": None, "float8
 
 def unavailable(mode: str, device: str) -> str | None:
     """Why `mode` cannot run on `device` with this torchao build (None when it can)."""
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed here (pip install torchao)"
     if mode == "float8":
         if device != "cuda" or not torch.cuda.is_available():
             return "torchao float8 needs a CUDA GPU with compute capability >= 8.9"

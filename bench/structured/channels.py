@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from stable_diffusion.errors import InputError
@@ -82,6 +81,8 @@ def prune_channels(
         keep |= {m for m in unet.modules() if isinstance(m, nn.Conv2d | nn.Linear) and m not in qkv}
     ignored = [m for m in unet.modules() if isinstance(m, nn.Conv2d | nn.Linear) and m in keep]
     num_heads = {lin: a.heads for a in attns for lin in (a.to_q, a.to_k, a.to_v)}
+    import torch_pruning as tp  # here: it pulls in wandb, and the GPU check's machine has neither
+
     imp = tp.importance.GroupMagnitudeImportance(p=1) if importance == "l1" else tp.importance.GroupTaylorImportance()
     pruner = tp.pruner.MetaPruner(
         unet,
