@@ -27,13 +27,11 @@ import onnxruntime as ort
 import psutil
 import torch
 
-from bench.benchmarks.speed import benchmark_parser
+from bench.benchmarks.speed import benchmark_parser, random_unet
 from bench.calibration import UNetCall
 from bench.cost import PeakRSS, percentiles, time_alternating
 from bench.techniques.onnx.backend import MODES, OrtUNet, int4_unavailable, quantize, quantized_nodes
 from bench.techniques.onnx.export import export_unet, model_size_bytes
-from stable_diffusion.config import get_config
-from stable_diffusion.unet import UNetModel
 
 
 def gb(n_bytes: float) -> str:
@@ -64,12 +62,8 @@ def row(name: str, t: tuple[float, float], ratio: str = "", note: str = "") -> N
 
 
 def bench_config(config: str, latent: int, batch: int, warmup: int, repeats: int, modes: list[str], n_calib: int):
-    cfg = get_config(config)
-    torch.manual_seed(0)
-    unet = UNetModel(cfg.unet).eval().requires_grad_(False)
-    x = torch.randn(batch, cfg.unet.in_channels, latent, latent)
-    ctx = torch.randn(batch, cfg.clip.max_length, cfg.unet.context_dim)
-    inputs = (x, torch.tensor(500), ctx)
+    cfg, unet, inputs = random_unet(config, latent, batch)
+    x = inputs[0]
     proc = psutil.Process()
     with tempfile.TemporaryDirectory(prefix="sdbench-onnx-speed-") as tmp:
         before = proc.memory_info().rss

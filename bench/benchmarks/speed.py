@@ -16,20 +16,25 @@ import torch
 
 from bench import reference
 from bench.cost import percentiles, time_alternating
-from stable_diffusion.config import get_config
+from stable_diffusion.config import SDConfig, get_config
 from stable_diffusion.model import COMPONENT_PREFIXES
 from stable_diffusion.unet import UNetModel
 
 
-@torch.inference_mode()
-def bench_unet(config: str, latent: int, batch: int, warmup: int, repeats: int) -> float:
+def random_unet(config: str, latent: int, batch: int) -> tuple[SDConfig, UNetModel, tuple[torch.Tensor, ...]]:
+    """A preset's UNet with seeded default-init weights, and one call's inputs (x, t = 500, context)."""
     cfg = get_config(config)
     torch.manual_seed(0)
-    ours = UNetModel(cfg.unet).eval()
-    theirs = reference.diffusers_unet(cfg, {COMPONENT_PREFIXES["unet"] + k: v for k, v in ours.state_dict().items()})
+    unet = UNetModel(cfg.unet).eval().requires_grad_(False)
     x = torch.randn(batch, cfg.unet.in_channels, latent, latent)
     ctx = torch.randn(batch, cfg.clip.max_length, cfg.unet.context_dim)
-    t = torch.tensor(500)
+    return cfg, unet, (x, torch.tensor(500), ctx)
+
+
+@torch.inference_mode()
+def bench_unet(config: str, latent: int, batch: int, warmup: int, repeats: int) -> float:
+    cfg, ours, (x, t, ctx) = random_unet(config, latent, batch)
+    theirs = reference.diffusers_unet(cfg, {COMPONENT_PREFIXES["unet"] + k: v for k, v in ours.state_dict().items()})
     times = time_alternating(
         {"ours": lambda: ours(x, t, ctx), "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx)},
         warmup,

@@ -32,14 +32,12 @@ from bench.accel.pt2e import quantize_pt2e_x86
 from bench.accel.torchao_modes import quantize_linears
 from bench.benchmarks.onnx_speed import calib_calls
 from bench.benchmarks.quant_speed import sharing_copy
-from bench.benchmarks.speed import benchmark_parser
+from bench.benchmarks.speed import benchmark_parser, random_unet
 from bench.calibration import Calibration
 from bench.cost import PeakRSS, percentiles, time_alternating
 from bench.techniques.base import Setting
 from bench.techniques.onnx.backend import OrtUNet, quantize
 from bench.techniques.onnx.export import export_unet
-from stable_diffusion.config import get_config
-from stable_diffusion.unet import UNetModel
 
 DENSE = ("fp32 compiled", "bf16 eager", "bf16 compiled", "fp16 eager")
 
@@ -75,12 +73,8 @@ def build_rungs(fp32: nn.Module, calls, tmp: Path) -> dict[str, Callable[[], nn.
 
 
 def bench_config(config: str, latent: int, batch: int, warmup: int, repeats: int, only: list[str] | None) -> None:
-    cfg = get_config(config)
-    torch.manual_seed(0)
-    fp32 = UNetModel(cfg.unet).eval().requires_grad_(False)
-    x = torch.randn(batch, cfg.unet.in_channels, latent, latent)
-    ctx = torch.randn(batch, cfg.clip.max_length, cfg.unet.context_dim)
-    inputs = (x, torch.tensor(500), ctx)
+    cfg, fp32, inputs = random_unet(config, latent, batch)
+    x = inputs[0]
     calls = calib_calls(cfg, x, 4)
     print(f"{config} latent {latent}x{latent} batch {batch}; each rung alternated with fp32 eager, {repeats} runs")
     ratios: dict[str, float] = {}

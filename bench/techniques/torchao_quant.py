@@ -80,7 +80,8 @@ def apply_real(unet: nn.Module, p: dict[str, Any], calibration: Calibration | No
     device = next(unet.parameters()).device.type
     if reason := unavailable(mode, device):
         raise InputError(reason)
-    fields: dict[str, Any] = {"mode": mode}
+    # no per-layer weight error is computed for these modes; torchao modes take no calibration
+    fields: dict[str, Any] = {"mode": mode, "weight_error_max_rel": None, "calib_prompts": None}
     example = example_inputs(calibration)
     if mode == PT2E:
         if compile == "eager":
