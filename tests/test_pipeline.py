@@ -177,6 +177,8 @@ def test_per_image_seeds_equal_diffusers_generator_list(ours, tiny_state_dict):
         BATCH_PROMPTS[:2],
         num_inference_steps=4,
         guidance_scale=7.5,
+        height=64,
+        width=64,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
         output_type="np",
     ).images
