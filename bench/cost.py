@@ -102,7 +102,8 @@ def count_params(module: nn.Module) -> tuple[int, int]:
             names, _ = v.__tensor_flatten__()
             inner = [getattr(v, n) for n in names]
             data = next((t for t in inner if t.numel() == v.numel()), None)
-            key = (id(v), tuple(v.shape))
+            anchor = data if data is not None else inner[0]  # two names of one weight share its packed data
+            key = (anchor.untyped_storage().data_ptr(), tuple(v.shape))
             count = int(torch.count_nonzero(data)) if data is not None else v.numel()
         else:
             key = (v.untyped_storage().data_ptr() + v.storage_offset() * v.element_size(), tuple(v.shape))

@@ -7,7 +7,6 @@ with matplotlib's object API on the Agg canvas (no pyplot global state, no displ
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -24,7 +23,10 @@ from PIL import Image
 from . import schema
 from .accel.speedup import LATENCY, best_dense
 from .registry import TECHNIQUES
-from .results import write_atomic
+from .results import (
+    read_rows,  # noqa: F401  (report.read_rows: the plots' and callers' reader)
+    write_atomic,
+)
 from .schema import parse_float
 from .techniques.base import BASELINE
 
@@ -43,13 +45,6 @@ def _savefig(fig: Any, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, dpi=110, format="png")
     write_atomic(path, buf.getvalue())
-
-
-def read_rows(csv_path: Path | str) -> list[dict[str, str]]:
-    """Rows as written by the runner; every schema column present (older files may lack some)."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        names = schema.column_names()
-        return [{name: row.get(name) or "" for name in names} for row in csv.DictReader(f)]
 
 
 def _value(row: Row | None, column: str) -> float | None:

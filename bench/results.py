@@ -234,3 +234,10 @@ def update_manifest(path: Path, data: dict[str, Any]) -> dict[str, Any]:
         data = {**data, "started": now}
     write_atomic(path, json.dumps(data, indent=2, default=str))
     return data
+
+
+def read_rows(csv_path: Path | str) -> list[dict[str, str]]:
+    """Rows as written by the runner; every schema column present (older files may lack some)."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        names = schema.column_names()
+        return [{name: row.get(name) or "" for name in names} for row in csv.DictReader(f)]

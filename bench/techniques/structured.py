@@ -30,6 +30,7 @@ from stable_diffusion.errors import InputError
 from ..cost import count_params, dense_size_bytes
 from ..recovery import KINDS, DenoisingData, RecoveryConfig, before_recovery_fields, recover
 from ..registry import TECHNIQUES, Axis, Column, positive_int, text
+from ..results import read_rows
 from ..structured import blocks
 from ..structured.channels import IMPORTANCES, parse_parts, prune_channels
 from .base import Calibration, Compressed, Setting, Technique, check_choice, grid
@@ -151,8 +152,6 @@ class Structured(Technique):
             fields.update(stats, before_recovery=unrecovered.id)
             results = self.run_dir / "results.csv" if self.run_dir else None
             if results is not None and results.is_file():
-                from ..report import read_rows  # here: report imports matplotlib, which the GPU check lacks
-
                 fields.update(before_recovery_fields(read_rows(results), unrecovered.id))
         params = count_params(unet)[0]
         fields.update(

@@ -75,11 +75,9 @@ def pt2e_kernels(ops: dict[str, int]) -> str:
 
 
 def apply_real(unet: nn.Module, p: dict[str, Any], calibration: Calibration | None) -> Compressed:
-    """One real-kernel mode applied to `unet` (a private copy), compiled as `p["compile"]` says."""
+    """One real-kernel mode applied to `unet` (a private copy), compiled as `p["compile"]` says; the caller
+    (`Quantization.apply`) has checked that the mode runs on the UNet's device."""
     mode, compile = p["mode"], p.get("compile", "eager")
-    device = next(unet.parameters()).device.type
-    if reason := unavailable(mode, device):
-        raise InputError(reason)
     # no per-layer weight error is computed for these modes; torchao modes take no calibration
     fields: dict[str, Any] = {"mode": mode, "weight_error_max_rel": None, "calib_prompts": None}
     example = example_inputs(calibration)
