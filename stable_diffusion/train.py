@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import safe_load_object, save_checkpoint
+from .checkpoint import load_model, safe_load_object, save_checkpoint
 from .config import SDConfig, get_config
 from .defaults import DATA_DIR, WEIGHTS_DIR
 from .errors import InputError
@@ -56,6 +56,9 @@ class TrainConfig:
     work_dir: str = str(DATA_DIR / "cache" / "train-tiny-shapes")
     seed: int = 0
     threads: int = 0  # torch threads (0 = leave as is)
+    # warm start: a v1 checkpoint of this preset (e.g. the shipped default) whose VAE is kept frozen and whose
+    # UNet + text encoder continue training; the VAE stage is skipped (its latent scale is already folded in)
+    init: str = ""
     pool: int = 4096  # generator images the stages draw from (train split, indices 0..pool-1)
     # VAE stage (fully convolutional: trained on random crops, which is cheaper and works at full size)
     vae_steps: int = 2000
@@ -74,6 +77,10 @@ class TrainConfig:
     cond_drop: float = 0.1
     ema_decay: float = 0.995
     warmup: int = 100
+    # "cosine": the UNet/text learning rate decays to lr_min_frac of its base over unet_steps (a longer run ends
+    # on a small step size, which is where a fixed-budget run gains most); "constant" as the first default
+    lr_schedule: str = "constant"
+    lr_min_frac: float = 0.1
     # bookkeeping
     save_every: int = 500
     fp16: bool = True
@@ -134,8 +141,13 @@ def noised(
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
 
 
-def _lr(step: int, base: float, warmup: int) -> float:
-    return base * min(1.0, (step + 1) / max(1, warmup))
+def _lr(step: int, base: float, warmup: int, schedule: str = "constant", total: int = 0, min_frac: float = 0.1) -> float:
+    """Linear warmup, then constant or cosine decay to min_frac * base at `total` steps."""
+    lr = base * min(1.0, (step + 1) / max(1, warmup))
+    if schedule == "cosine" and total > warmup:
+        frac = min(1.0, max(0.0, (step - warmup) / (total - warmup)))
+        lr *= min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * frac))
+    return lr
 
 
 @torch.no_grad()
@@ -206,10 +218,25 @@ class Trainer:
         self.elapsed = {"vae": 0.0, "unet": 0.0}
         self.scale_std: float | None = None
         self._make_opts()
+        if tc.lr_schedule not in ("constant", "cosine"):
+            raise InputError(f"--lr-schedule {tc.lr_schedule!r}: use constant or cosine")
+        if tc.init:
+            self._warm_start(Path(tc.init))
         self.ema = EMA(self._diffusion_modules(), tc.ema_decay)
         self.tokenizer = CLIPTokenizer(max_length=self.cfg.clip.max_length)
         self._pool: Pool | None = None
         self.alphas_cumprod = alphas_cumprod(self.cfg)
+
+    def _warm_start(self, path: Path) -> None:
+        """Load every weight from a v1 checkpoint of the same preset and start at the UNet stage."""
+        if not path.is_file():
+            raise InputError(f"--init {path}: no such file")
+        src = load_model(path)
+        if src.cfg.unet != self.cfg.unet or src.cfg.vae != self.cfg.vae:
+            raise InputError(f"--init {path}: not a {self.tc.config!r} checkpoint of this run's shapes/groups")
+        self.model.load_state_dict(src.state_dict(), strict=True)
+        self.stage = "unet"
+        log.info("warm start from %s: VAE kept, UNet + text encoder continue training", path)
 
     def _diffusion_modules(self) -> nn.ModuleDict:
         return nn.ModuleDict({"unet": self.model.unet, "text": self.model.text_encoder})
@@ -314,7 +341,7 @@ class Trainer:
         tc = self.tc
         loss = self.unet_loss(gen)
         for g in self.unet_opt.param_groups:
-            g["lr"] = _lr(self.step, g["base"], tc.warmup)
+            g["lr"] = _lr(self.step, g["base"], tc.warmup, tc.lr_schedule, tc.unet_steps, tc.lr_min_frac)
         self.unet_opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(list(self.model.unet.parameters()) + list(self.model.text_encoder.parameters()), 1.0)

@@ -91,3 +91,35 @@ def test_cli_flags_and_reproduce_command(tmp_path):
     cmd = tc.command()
     assert "--unet-steps 7" in cmd and "--no-fp16" in cmd and "--resume" not in cmd
     assert parse_args(cmd.split()[3:])[0] == tc
+
+
+def test_warm_start_continues_the_unet_and_keeps_the_vae(tmp_path):
+    """`--init FILE` loads every weight, skips the VAE stage and trains only the UNet + text encoder."""
+    first = Trainer(_cfg(tmp_path / "a"), progress=False).run()
+    src = load_model(first)
+    tr = Trainer(_cfg(tmp_path / "b", init=str(first), unet_steps=2, lr_schedule="cosine"), progress=False)
+    assert tr.stage == "unet"
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k
+    out = tr.run()
+    assert tr.history["vae"] == [] and len(tr.history["unet"]) == 2
+    again = load_model(out)
+    for k, v in again.vae.state_dict().items():
+        assert torch.equal(v, src.vae.state_dict()[k]), k  # frozen VAE (fp16 -> fp16 round trip is exact)
+    assert any(not torch.equal(v, src.unet.state_dict()[k]) for k, v in again.unet.state_dict().items())
+
+
+def test_cosine_schedule_and_bad_flags(tmp_path):
+    import pytest
+
+    from stable_diffusion.errors import InputError
+    from stable_diffusion.train import _lr
+
+    assert _lr(0, 1.0, 10) == 0.1 and _lr(500, 1.0, 10) == 1.0  # warmup, then constant
+    assert _lr(10, 1.0, 10, "cosine", 110, 0.1) == 1.0
+    assert abs(_lr(60, 1.0, 10, "cosine", 110, 0.1) - 0.55) < 1e-9  # halfway: mean of 1 and 0.1
+    assert abs(_lr(110, 1.0, 10, "cosine", 110, 0.1) - 0.1) < 1e-9
+    with pytest.raises(InputError, match="no such file"):
+        Trainer(_cfg(tmp_path, init=str(tmp_path / "missing.safetensors")), progress=False)
+    with pytest.raises(InputError, match="lr-schedule"):
+        Trainer(_cfg(tmp_path, lr_schedule="linear"), progress=False)
