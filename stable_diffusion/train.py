@@ -141,7 +141,9 @@ def noised(
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
 
 
-def _lr(step: int, base: float, warmup: int, schedule: str = "constant", total: int = 0, min_frac: float = 0.1) -> float:
+def _lr(
+    step: int, base: float, warmup: int, schedule: str = "constant", total: int = 0, min_frac: float = 0.1
+) -> float:
     """Linear warmup, then constant or cosine decay to min_frac * base at `total` steps."""
     lr = base * min(1.0, (step + 1) / max(1, warmup))
     if schedule == "cosine" and total > warmup:
