@@ -51,3 +51,15 @@ def test_shapes_fid_real_vs_noise():
     noise = metric.compute(torch.rand(64, 3, 64, 64, generator=torch.Generator().manual_seed(0)), prompts, None)
     assert noise["shapes_fid"] > 10 * real["shapes_fid"]
     assert metric.protocol()["feature_extractor"] == "shapes-classifier"
+
+
+def test_shapes_eval_prints_accuracies_with_intervals(capsys):
+    """The evaluation benchmark runs on the in-distribution set and prints JSON with Wilson intervals."""
+    import json
+
+    from bench.benchmarks.shapes_eval import main
+
+    assert main(["--prompts", "shapes", "--n", "2", "--steps", "1", "--guidance", "3", "--n-reference", "8"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lo, hi = row["prompt_accuracy_ci95"]
+    assert row["prompt_acc_n"] == 2 and 0 <= lo <= row["prompt_accuracy"] <= hi <= 1

@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.benchmarks.shapes_eval --checkpoint data/weights/tiny-shapes.safetensors --guidance 3 7.5
     .venv/bin/python -m bench.benchmarks.shapes_eval --random   # the seeded random-weight default, to compare
 
-Samples one image per held-out caption (`ShapesDataset("heldout", 0)`, captions never seen in training), then
-reports prompt accuracy (chance 1/1800) and shapes-FID against 256 real held-out generator images.
+Samples one image per caption of a built-in set (`--prompts shapes-heldout`, the default: (shape, colour)
+pairs never seen in training; `shapes` = shapes-val: fresh in-distribution scenes), then reports prompt
+accuracy (chance 1/1800, 95 % Wilson intervals) and shapes-FID against 256 real generator images.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.data import SHAPES_ALIASES, SHAPES_SETS
 from bench.metrics.shapes import CHANCE_ALL, CHANCE_PER_HEAD, PromptAccuracy, shapes_fid
 from bench.report import make_grid
+from bench.stats import wilson_interval
 from stable_diffusion.checkpoint import load_model
 from stable_diffusion.config import TINY
 from stable_diffusion.defaults import WEIGHTS_DIR
@@ -43,11 +46,21 @@ def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
     make_grid([Image.fromarray(a) for a in arr], cols).save(path)
 
 
+def scored(acc: PromptAccuracy, images: torch.Tensor, prompts: list[str]) -> dict:
+    """Prompt accuracies with 95 % Wilson intervals (per-image tensors dropped: this prints JSON)."""
+    row = {k: v for k, v in acc.compute(images, prompts, None).items() if k != "per_image"}
+    n = row["prompt_acc_n"]
+    for k in [k for k in row if k.startswith("prompt_acc") and k != "prompt_acc_n"]:
+        row[f"{k}_ci95"] = [round(b, 3) for b in wilson_interval(round(row[k] * n), n)]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.benchmarks.shapes_eval", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=str(WEIGHTS_DIR / "tiny-shapes.safetensors"))
     p.add_argument("--random", action="store_true", help="evaluate the seeded random embedded default instead")
-    p.add_argument("--split", default="heldout", choices=["heldout", "train"])
+    p.add_argument("--prompts", default="shapes-heldout", choices=sorted([*SHAPES_SETS, *SHAPES_ALIASES]),
+                   help="built-in caption set (shapes = shapes-val: fresh in-distribution scenes)")  # fmt: skip
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--sampler", default="ddim")
@@ -69,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(a.checkpoint)
     cfg = TINY
     sd = StableDiffusion(load_model(path, cfg))
-    prompts = captions(a.split, a.n, seed=0)
+    split, set_seed = SHAPES_SETS[SHAPES_ALIASES.get(a.prompts, a.prompts)]
+    prompts = captions(split, a.n, seed=set_seed)
     acc, fid = PromptAccuracy(), shapes_fid(n_reference=a.n_reference, bootstrap=200)
-    print(f"model {path.name} (groups vae {cfg.vae.groups}, unet {cfg.unet.groups}); {a.n} {a.split} captions; "
+    print(f"model {path.name} (groups vae {cfg.vae.groups}, unet {cfg.unet.groups}); {a.n} {a.prompts} captions; "
           f"chance: all attributes {CHANCE_ALL:.5f}, per head "
           + ", ".join(f"{h} {c:.3f}" for h, c in CHANCE_PER_HEAD.items()))  # fmt: skip
     results = []
@@ -79,16 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         from stable_diffusion.shapes import render, sample_labels, to_tensor
 
         rng = np.random.default_rng(12345)
-        labels = [sample_labels(a.split, 0, i) for i in range(a.n)]
+        labels = [sample_labels(split, set_seed, i) for i in range(a.n)]
         real = to_tensor(np.stack([render(lab, rng, cfg.resolution) for lab in labels]))
-        row = {"model": "real images"} | acc.compute(real, prompts, None)
+        row = {"model": "real images"} | scored(acc, real, prompts)
         row |= {k: v for k, v in fid.compute(real, prompts, None).items() if k != "shapes_fid_bootstrap_bias"}
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
     for g in a.guidance:
         t0 = time.monotonic()
         images = generate(sd, prompts, steps=a.steps, guidance=g, sampler=a.sampler, seed=a.seed)
         row = {"guidance": g, "steps": a.steps, "sampler": a.sampler, "seconds": round(time.monotonic() - t0, 1)}
-        row |= acc.compute(images, prompts, None)
+        row |= scored(acc, images, prompts)
         row |= {k: v for k, v in fid.compute(images, prompts, None).items() if k != "shapes_fid_bootstrap_bias"}
         results.append(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
