@@ -117,7 +117,9 @@ def quality(n_images: int, steps: int) -> None:
     """PSNR vs fp32 on the embedded trained model: bf16 and PT2E static int8 (real calibration trajectories)."""
     from bench.calibration import Recorder
     from bench.data import load_prompts
+    from bench.metrics.base import PER_IMAGE
     from bench.metrics.fidelity import Fidelity
+    from bench.stats import bootstrap_ci
     from bench.techniques.quant import Quantization
     from stable_diffusion.defaults import embedded_checkpoint
     from stable_diffusion.pipeline import StableDiffusion
@@ -147,9 +149,11 @@ def quality(n_images: int, steps: int) -> None:
     print(f"quality: embedded {sd.cfg.name} model, {n_images} shapes prompts, {steps} DDIM steps, PSNR vs fp32")
     for name, build in variants.items():
         sd.model.swap_unet(build())
-        psnr = fidelity.compute(images(), prompts, fp32)["psnr"]
+        scores = fidelity.compute(images(), prompts, fp32)
         sd.model.swap_unet(base)
-        print(f"  {name:20s} PSNR {psnr:6.2f} dB", flush=True)
+        ci = bootstrap_ci(scores[PER_IMAGE]["psnr"].numpy())
+        interval = f" [{ci[0]:.2f}, {ci[1]:.2f}] (95 % bootstrap over images)" if ci else ""
+        print(f"  {name:20s} PSNR {scores['psnr']:6.2f} dB{interval}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     cpu = torch.backends.cpu.get_cpu_capability()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu}")
-    for config in args.configs.split(","):
+    for config in filter(None, args.configs.split(",")):  # --configs "": the quality part only
         bench_config(config, args.latent, args.batch, args.warmup, args.repeats, args.rungs and args.rungs.split(","))
         gc.collect()
     if not args.skip_quality:
