@@ -61,5 +61,5 @@ def test_shapes_eval_prints_accuracies_with_intervals(capsys):
 
     assert main(["--prompts", "shapes", "--n", "2", "--steps", "1", "--guidance", "3", "--n-reference", "8"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    lo, hi = row["prompt_accuracy_ci95"]
+    lo, hi = row["prompt_accuracy_ci_low"], row["prompt_accuracy_ci_high"]
     assert row["prompt_acc_n"] == 2 and 0 <= lo <= row["prompt_accuracy"] <= hi <= 1

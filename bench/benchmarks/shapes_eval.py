@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.data import SHAPES_ALIASES, SHAPES_SETS
+from bench.data import SHAPES_ALIASES, SHAPES_SETS, shapes_set
+from bench.metrics.base import PER_IMAGE, interval_fields
 from bench.metrics.shapes import CHANCE_ALL, CHANCE_PER_HEAD, PromptAccuracy, shapes_fid
 from bench.report import make_grid
-from bench.stats import wilson_interval
 from stable_diffusion.checkpoint import load_model
 from stable_diffusion.config import TINY
 from stable_diffusion.defaults import WEIGHTS_DIR
@@ -47,12 +47,10 @@ def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
 
 
 def scored(acc: PromptAccuracy, images: torch.Tensor, prompts: list[str]) -> dict:
-    """Prompt accuracies with 95 % Wilson intervals (per-image tensors dropped: this prints JSON)."""
-    row = {k: v for k, v in acc.compute(images, prompts, None).items() if k != "per_image"}
-    n = row["prompt_acc_n"]
-    for k in [k for k in row if k.startswith("prompt_acc") and k != "prompt_acc_n"]:
-        row[f"{k}_ci95"] = [round(b, 3) for b in wilson_interval(round(row[k] * n), n)]
-    return row
+    """Prompt accuracies with the sweep's 95 % Wilson interval columns (per-image tensors dropped: this prints JSON)."""
+    row = acc.compute(images, prompts, None)
+    ci = {k: v for k, v in interval_fields(acc.intervals, row.pop(PER_IMAGE), None).items() if v is not None}
+    return row | ci
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(a.checkpoint)
     cfg = TINY
     sd = StableDiffusion(load_model(path, cfg))
-    split, set_seed = SHAPES_SETS[SHAPES_ALIASES.get(a.prompts, a.prompts)]
+    _, split, set_seed = shapes_set(a.prompts)
     prompts = captions(split, a.n, seed=set_seed)
     acc, fid = PromptAccuracy(), shapes_fid(n_reference=a.n_reference, bootstrap=200)
     print(f"model {path.name} (groups vae {cfg.vae.groups}, unet {cfg.unet.groups}); {a.n} {a.prompts} captions; "

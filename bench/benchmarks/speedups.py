@@ -117,9 +117,8 @@ def quality(n_images: int, steps: int) -> None:
     """PSNR vs fp32 on the embedded trained model: bf16 and PT2E static int8 (real calibration trajectories)."""
     from bench.calibration import Recorder
     from bench.data import load_prompts
-    from bench.metrics.base import PER_IMAGE
+    from bench.metrics.base import PER_IMAGE, interval_fields
     from bench.metrics.fidelity import Fidelity
-    from bench.stats import bootstrap_ci
     from bench.techniques.quant import Quantization
     from stable_diffusion.defaults import embedded_checkpoint
     from stable_diffusion.pipeline import StableDiffusion
@@ -151,8 +150,9 @@ def quality(n_images: int, steps: int) -> None:
         sd.model.swap_unet(build())
         scores = fidelity.compute(images(), prompts, fp32)
         sd.model.swap_unet(base)
-        ci = bootstrap_ci(scores[PER_IMAGE]["psnr"].numpy())
-        interval = f" [{ci[0]:.2f}, {ci[1]:.2f}] (95 % bootstrap over images)" if ci else ""
+        ci = interval_fields(fidelity.intervals, scores[PER_IMAGE], None)  # the sweep's psnr_ci_low/high
+        low, high = ci.get("psnr_ci_low"), ci.get("psnr_ci_high")
+        interval = f" [{low:.2f}, {high:.2f}] (95 % bootstrap over images)" if low is not None else ""
         print(f"  {name:20s} PSNR {scores['psnr']:6.2f} dB{interval}", flush=True)
 
 
