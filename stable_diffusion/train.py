@@ -470,7 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     t0 = time.monotonic()
-    out = Trainer(tc, progress=progress).run(resume=resume)
+    try:
+        out = Trainer(tc, progress=progress).run(resume=resume)
+    except InputError as e:  # a bad flag or file: one line, exit 2, as distill does
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     log.info("total %.1f min; reproduce with:\n  %s", (time.monotonic() - t0) / 60, tc.command())
     print(f"wrote {out}\nreproduce: {tc.command()}")
     return 0

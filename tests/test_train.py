@@ -123,3 +123,11 @@ def test_cosine_schedule_and_bad_flags(tmp_path):
         Trainer(_cfg(tmp_path, init=str(tmp_path / "missing.safetensors")), progress=False)
     with pytest.raises(InputError, match="lr-schedule"):
         Trainer(_cfg(tmp_path, lr_schedule="linear"), progress=False)
+
+
+def test_cli_bad_init_is_one_line_and_exit_2(tmp_path, capsys):
+    from stable_diffusion.train import main
+
+    assert main(["--init", str(tmp_path / "missing.safetensors"), "--work-dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --init") and "no such file" in err and "Traceback" not in err
