@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_model, load_unet_into, save_checkpoint
 from .config import get_config
 from .defaults import REPO_ROOT, WEIGHTS_DIR, embedded_checkpoint
-from .errors import InputError
+from .errors import InputError, SDBenchError
 from .samplers import DDIMSampler
 from .tokenizer import CLIPTokenizer
 from .train import Pool
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         d = Distiller(dc, progress=progress)
         paths = d.run(resume=resume)
-    except InputError as e:
+    except SDBenchError as e:  # a bad flag or file (InputError, CheckpointError): a message, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     for n, r in d.rounds.items():

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_model, safe_load_object, save_checkpoint
 from .config import SDConfig, get_config
 from .defaults import DATA_DIR, WEIGHTS_DIR
-from .errors import InputError
+from .errors import InputError, SDBenchError
 from .model import LatentDiffusion
 from .samplers import alphas_cumprod
 from .shapes import ShapesDataset
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         out = Trainer(tc, progress=progress).run(resume=resume)
-    except InputError as e:  # a bad flag or file: one line, exit 2, as distill does
+    except SDBenchError as e:  # a bad flag or file (InputError, CheckpointError): a message, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     log.info("total %.1f min; reproduce with:\n  %s", (time.monotonic() - t0) / 60, tc.command())

@@ -131,3 +131,7 @@ def test_cli_bad_init_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["--init", str(tmp_path / "missing.safetensors"), "--work-dir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --init") and "no such file" in err and "Traceback" not in err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    assert main(["--init", str(junk), "--work-dir", str(tmp_path / "w")]) == 2  # a CheckpointError: no traceback
+    assert capsys.readouterr().err.startswith("error: cannot load checkpoint")
