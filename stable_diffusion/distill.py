@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import sys
@@ -49,7 +50,7 @@ from .defaults import REPO_ROOT, WEIGHTS_DIR, embedded_checkpoint
 from .errors import InputError, SDBenchError
 from .samplers import DDIMSampler
 from .tokenizer import CLIPTokenizer
-from .train import Pool
+from .train import Pool, lr_at
 
 log = logging.getLogger("stable_diffusion.distill")
 
@@ -66,6 +67,10 @@ class DistillConfig:
     pool: int = 512
     batch: int = 4
     lr: float = 5e-4  # the tiny model trained at 1e-3; few steps per round need a brisk rate
+    # "cosine": each round's rate decays to lr_min_frac of lr over round_steps (a noisy last Adam iterate at the
+    # full rate is a worse student); "constant" is how the first shipped student was made
+    lr_schedule: str = "cosine"
+    lr_min_frac: float = 0.05
     round_steps: int = 450  # optimizer steps per round (or round_minutes, whichever first)
     round_minutes: float = 6.0  # CPU minutes of this process
     save_every: int = 25
@@ -77,6 +82,15 @@ class DistillConfig:
 def student_path(out_dir: str | Path, teacher: str | Path, steps: int) -> Path:
     """Where the student sampling with `steps` DDIM steps is saved (name derived from the teacher file)."""
     return Path(out_dir) / f"{Path(teacher).stem}-distilled-{steps}steps.safetensors"
+
+
+def unet_fingerprint(unet: nn.Module) -> str:
+    """sha256 of a UNet's weights rounded to fp16 (how models ship): names the model a student was distilled from."""
+    h = hashlib.sha256()
+    for name, t in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def ddim_jump(z: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
@@ -101,6 +115,8 @@ class Distiller:
     def __init__(self, dc: DistillConfig, progress: bool = True) -> None:
         if dc.start_steps < 2 or dc.end_steps < 1 or dc.end_steps >= dc.start_steps:
             raise InputError("need --start-steps >= 2 and 1 <= --end-steps < --start-steps")
+        if dc.lr_schedule not in ("constant", "cosine"):
+            raise InputError(f"--lr-schedule {dc.lr_schedule!r}: use constant or cosine")
         n, chain = dc.start_steps, []
         while n // 2 >= dc.end_steps:
             n //= 2
@@ -203,6 +219,9 @@ class Distiller:
         return (weight * (x_hat - target).square().mean(dim=(1, 2, 3))).mean()
 
     def train_step(self, gen: torch.Generator) -> float:
+        dc = self.dc
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, dc.lr, 0, dc.lr_schedule, dc.round_steps, dc.lr_min_frac)
         loss = self.loss(*self.batch(gen))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -273,6 +292,7 @@ class Distiller:
             "distill_steps": str(steps),
             "distill_guidance": str(self.dc.guidance),
             "distill_teacher": self.checkpoint.name,
+            "distill_base_unet": unet_fingerprint(self.base.unet),  # the distilled-from model, whatever its file name
             "distill_round": json.dumps(self.rounds[str(steps)]),
         }
         path = student_path(self.dc.out_dir, self.checkpoint, steps)

@@ -141,7 +141,7 @@ def noised(
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
 
 
-def _lr(
+def lr_at(
     step: int, base: float, warmup: int, schedule: str = "constant", total: int = 0, min_frac: float = 0.1
 ) -> float:
     """Linear warmup, then constant or cosine decay to min_frac * base at `total` steps."""
@@ -316,7 +316,7 @@ class Trainer:
         tc, vae = self.tc, self.model.vae
         loss = self.vae_loss(gen)
         for g in self.vae_opt.param_groups:
-            g["lr"] = _lr(self.step, tc.vae_lr, 50)
+            g["lr"] = lr_at(self.step, tc.vae_lr, 50)
         self.vae_opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -343,7 +343,7 @@ class Trainer:
         tc = self.tc
         loss = self.unet_loss(gen)
         for g in self.unet_opt.param_groups:
-            g["lr"] = _lr(self.step, g["base"], tc.warmup, tc.lr_schedule, tc.unet_steps, tc.lr_min_frac)
+            g["lr"] = lr_at(self.step, g["base"], tc.warmup, tc.lr_schedule, tc.unet_steps, tc.lr_min_frac)
         self.unet_opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(list(self.model.unet.parameters()) + list(self.model.text_encoder.parameters()), 1.0)

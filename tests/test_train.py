@@ -113,12 +113,12 @@ def test_cosine_schedule_and_bad_flags(tmp_path):
     import pytest
 
     from stable_diffusion.errors import InputError
-    from stable_diffusion.train import _lr
+    from stable_diffusion.train import lr_at
 
-    assert _lr(0, 1.0, 10) == 0.1 and _lr(500, 1.0, 10) == 1.0  # warmup, then constant
-    assert _lr(10, 1.0, 10, "cosine", 110, 0.1) == 1.0
-    assert abs(_lr(60, 1.0, 10, "cosine", 110, 0.1) - 0.55) < 1e-9  # halfway: mean of 1 and 0.1
-    assert abs(_lr(110, 1.0, 10, "cosine", 110, 0.1) - 0.1) < 1e-9
+    assert lr_at(0, 1.0, 10) == 0.1 and lr_at(500, 1.0, 10) == 1.0  # warmup, then constant
+    assert lr_at(10, 1.0, 10, "cosine", 110, 0.1) == 1.0
+    assert abs(lr_at(60, 1.0, 10, "cosine", 110, 0.1) - 0.55) < 1e-9  # halfway: mean of 1 and 0.1
+    assert abs(lr_at(110, 1.0, 10, "cosine", 110, 0.1) - 0.1) < 1e-9
     with pytest.raises(InputError, match="no such file"):
         Trainer(_cfg(tmp_path, init=str(tmp_path / "missing.safetensors")), progress=False)
     with pytest.raises(InputError, match="lr-schedule"):

@@ -16,7 +16,7 @@ from torch import nn
 
 from stable_diffusion.checkpoint import read_state_dict, v1_weights
 from stable_diffusion.defaults import TRAINED_NAME, WEIGHTS_DIR
-from stable_diffusion.distill import student_path
+from stable_diffusion.distill import student_path, unet_fingerprint
 from stable_diffusion.errors import InputError
 from stable_diffusion.model import COMPONENT_PREFIXES
 
@@ -64,6 +64,14 @@ class Distilled(Technique):
         n = int(setting.params["steps"])
         path = student_file(n, self.weights_dir)
         _require(path, n)
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        base = meta.get("distill_base_unet")
+        if base is not None and base != unet_fingerprint(unet):  # same shapes, other weights: a wrong pairing
+            raise InputError(
+                f"{path.name} was distilled from {meta.get('distill_teacher', 'another model')}, not this sweep's "
+                f"UNet; distil a student of this model with: python -m stable_diffusion.distill --checkpoint FILE"
+            )
         prefix = COMPONENT_PREFIXES["unet"]
         weights = v1_weights(read_state_dict(path), path)
         p = next(unet.parameters())
@@ -72,8 +80,6 @@ class Distilled(Technique):
             unet.load_state_dict(sd, strict=True)
         except RuntimeError:
             raise InputError(f"{path.name} is a student of another model than this sweep's UNet") from None
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
         guidance = float(meta.get("distill_guidance", "nan"))
         fields = {"kernels": "dense fp32", "distill_guidance": guidance, "student": path.name}
         return Compressed(unet, fields, sampling={"steps": n, "sampler": "ddim", "guidance": 1.0})
