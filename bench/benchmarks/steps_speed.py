@@ -8,8 +8,8 @@
      steps: the denoising loop (UNet + sampler) timed per image, and with one VAE decode added;
    - the embedded tiny-shapes model, whole images through the pipeline (text encoder, steps, VAE).
    Plain and cached images alternate, so load changes hit both; medians over `--repeats`.
-2. Embedded model, vs the FP32 `--ref-steps` DDIM images (guidance 7.5, the sweep's reference): plain 4-step
-   DDIM vs the 4-step distilled student (and every other shipped student), and the cache rows: PSNR (mean
+2. Embedded model, the sweep's default prompts (shapes-val), vs the FP32 `--ref-steps` DDIM images (guidance
+   7.5, the sweep's reference): plain 4-step DDIM vs the 4-step distilled student (and every other shipped student), and the cache rows: PSNR (mean
    over images, with a 95 % interval of the paired difference) and prompt accuracy with 95 % Wilson intervals.
 """
 
@@ -26,16 +26,16 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm.auto import tqdm
 
+from bench.data import load_prompts
 from bench.feature_cache import CachedUNet
 from bench.metrics.fidelity import Fidelity
 from bench.metrics.shapes import HEADS, PromptAccuracy
-from bench.stats import wilson_interval
+from bench.stats import bootstrap_ci, wilson_interval
 from bench.techniques.distilled import Distilled, student_file
 from stable_diffusion.config import V1_5
 from stable_diffusion.defaults import embedded_checkpoint
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.samplers import make_sampler
-from stable_diffusion.shapes import captions
 from stable_diffusion.unet import UNetModel
 from stable_diffusion.vae import AutoencoderKL
 
@@ -104,7 +104,7 @@ def generate(sd: StableDiffusion, prompts: list[str], **kw: object) -> tuple[tor
 def embedded(n: int, ref_steps: int, repeats: int) -> None:
     sd = StableDiffusion.from_checkpoint(embedded_checkpoint())
     base = sd.model.unet
-    prompts = captions("heldout", n)
+    prompts = load_prompts("shapes").prompts[:n]  # the sweep's default set (shapes-val), same seeds
     fid, acc = Fidelity(), PromptAccuracy()
     ddim = {"sampler": "ddim"}
     ref, _ = generate(sd, prompts, steps=ref_steps, guidance=7.5, **ddim)
@@ -122,17 +122,17 @@ def embedded(n: int, ref_steps: int, repeats: int) -> None:
         line += f"{k / len(idx):.2f} [{lo:.2f}, {hi:.2f}]  image {statistics.median(secs):.3f} s"
         if psnr_ref is None:
             psnr_ref = per
-        else:
-            d = per - psnr_ref
-            line += f"  dPSNR vs plain 4 {d.mean():+.2f} dB [{d.mean() - 1.96 * d.std() / n**0.5:+.2f}, "
-            line += f"{d.mean() + 1.96 * d.std() / n**0.5:+.2f}]"
+        else:  # paired over the same prompts and seeds: bootstrap interval of the mean difference
+            d = (per - psnr_ref).numpy()
+            lo_d, hi_d = bootstrap_ci(d) or (math.nan, math.nan)
+            line += f"  dPSNR vs plain 4 {d.mean():+.2f} dB [{lo_d:+.2f}, {hi_d:+.2f}]"
         print(line, flush=True)
 
-    print(f"embedded tiny-shapes, {n} held-out prompts, vs FP32 {ref_steps}-step DDIM at guidance 7.5:")
+    print(f"embedded tiny-shapes, {n} shapes-val prompts, vs FP32 {ref_steps}-step DDIM at guidance 7.5:")
     report("reference itself", ref, [0.0])
     psnr_ref = None
     report("plain DDIM 4 steps, guidance 7.5", *generate(sd, prompts, steps=4, guidance=7.5, **ddim))
-    for steps in Distilled.axes["steps"][0]:
+    for steps in next(a for a in Distilled.axes if a.name == "steps").default:
         path = student_file(steps)
         if not path.is_file():
             print(f"  distilled[steps={steps}]: no {path.name}, skipped")
