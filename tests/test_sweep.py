@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import schema
 
@@ -22,7 +23,13 @@ FAST = ["--num-images", "2", "--steps", "2", "--latency-repeats", "1", "--wandb-
 
 
 def run_main(*args: str, timeout: int = 600, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
+    # the child uses this process's thread count, so images compared pixel for pixel are computed alike
+    env = {
+        **os.environ,
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
     cmd = (launcher or [sys.executable]) + ["main.py", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
