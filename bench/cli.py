@@ -230,9 +230,16 @@ def options_from_args(args: argparse.Namespace, resolution: tuple[int, int] | No
 
     axes_spec = technique_axes()
     axes: dict[str, list[Any]] = {}
+    given: dict[str, str] = {}  # axis -> the table that set it
     for name in names:
         for axis, raw in file.get(name, {}).items():
-            axes[axis] = axes_spec[axis].values(raw)
+            values = axes_spec[axis].values(raw)
+            if axis in axes and axes[axis] != values:  # one axis namespace per sweep: the last table would win
+                raise InputError(
+                    f"[{given[axis]}] and [{name}] in {args.config_file} both set {axis!r}, to different values; "
+                    f"an axis is shared by every technique of a sweep: give one value or run them as two sweeps"
+                )
+            axes[axis], given[axis] = values, name
     for axis, spec in axes_spec.items():
         raw = getattr(args, f"axis_{axis}")
         if raw is not None:

@@ -163,6 +163,16 @@ def test_another_techniques_table_or_axis_is_rejected(tmp_path: Path, caplog, ca
         assert code == 2 and len(errors) == 1 and words in errors[0], errors
 
 
+def test_two_tables_setting_a_shared_axis_differently_are_rejected(tmp_path: Path, caplog, capsys) -> None:
+    """prune and structured share `ratio`: one table's values must not silently replace the other's."""
+    body = "[prune]\nratio = [0.3, 0.7]\n[structured]\nratio = [0.5]\n"
+    (tmp_path / "s.toml").write_text(body)
+    args = ["--sweep", "prune,structured", "--config-file", str(tmp_path / "s.toml"), "--out", str(tmp_path / "o")]
+    code, errors = _cli(args, caplog, capsys)
+    assert code == 2 and len(errors) == 1 and "[prune] and [structured]" in errors[0], errors
+    assert not (tmp_path / "o").exists()
+
+
 def test_init_image_over_the_pixel_limit_or_truncated(tmp_path: Path, monkeypatch) -> None:
     from PIL import Image
 
