@@ -16,6 +16,7 @@ from bench.registry import TECHNIQUES
 from stable_diffusion.checkpoint import save_checkpoint
 from stable_diffusion.config import TINY
 from stable_diffusion.defaults import embedded_checkpoint
+from stable_diffusion.distill import unet_fingerprint
 from stable_diffusion.errors import InputError
 from stable_diffusion.pipeline import StableDiffusion
 
@@ -48,7 +49,7 @@ def test_distilled_loads_the_student_and_samples_unguided(tiny_model, tmp_path):
     student = copy.deepcopy(tiny_model.unet)
     with torch.no_grad():
         student.out[2].bias.add_(1.0)
-    meta = {"distill_guidance": "7.5"}
+    meta = {"distill_guidance": "7.5", "distill_base_unet": unet_fingerprint(tiny_model.unet)}
     save_checkpoint(student.half(), tmp_path / "tiny-shapes-distilled-4steps.safetensors", TINY, "unet", meta)
     [s] = t.settings({"steps": [4]})
     assert s.id == "distilled[steps=4]"
@@ -56,6 +57,32 @@ def test_distilled_loads_the_student_and_samples_unguided(tiny_model, tmp_path):
     assert out.sampling == {"steps": 4, "sampler": "ddim", "guidance": 1.0}
     assert out.fields["distill_guidance"] == 7.5
     torch.testing.assert_close(out.module.out[2].bias, student.out[2].bias.float())
+
+
+def test_distilled_refuses_a_student_of_another_model(tiny_model, tmp_path):
+    """Same shapes, other weights: the fingerprint of the distilled-from UNet names the wrong pairing."""
+    t = TECHNIQUES.get("distilled")()
+    t.weights_dir = tmp_path
+    other = copy.deepcopy(tiny_model.unet)
+    with torch.no_grad():
+        other.out[2].bias.add_(1.0)
+    meta = {"distill_teacher": "other.safetensors", "distill_base_unet": unet_fingerprint(other)}
+    save_checkpoint(other.half(), tmp_path / "tiny-shapes-distilled-4steps.safetensors", TINY, "unet", meta)
+    [s] = t.settings({"steps": [4]})
+    with pytest.raises(InputError, match=r"distilled from other\.safetensors, not this sweep's UNet"):
+        t.apply(copy.deepcopy(tiny_model.unet), s)
+
+
+def test_shipped_student_is_of_the_shipped_model():
+    """The student in data/weights was distilled from the embedded default (re-distil when retraining it)."""
+    from safetensors import safe_open
+
+    from bench.techniques.distilled import student_file
+
+    with safe_open(str(student_file(4)), "pt") as f:
+        meta = f.metadata()
+    unet = StableDiffusion.from_checkpoint(embedded_checkpoint()).model.unet
+    assert meta["distill_base_unet"] == unet_fingerprint(unet)
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +126,12 @@ def test_steps_axis_leaves_the_reference_images_unchanged(steps_run):
             gen = sd(prompt, steps=steps, sampler="ddim", guidance=7.5, seed=i, progress=False)
             arr = (gen.pixels[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             assert np.array_equal(png, arr), (folder, i)
+
+
+def test_steps_speed_benchmark_embedded_part_runs(capsys):
+    """The benchmark's embedded part end to end on one prompt (its figures are in README)."""
+    from bench.benchmarks.steps_speed import embedded
+
+    embedded(1, 2, 1)
+    out = capsys.readouterr().out
+    assert "distilled[steps=4] (guidance 1)" in out and "dPSNR vs plain 4-step" in out and "-> ratio" in out

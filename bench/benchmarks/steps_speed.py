@@ -9,8 +9,9 @@
    - the embedded tiny-shapes model, whole images through the pipeline (text encoder, steps, VAE).
    Plain and cached images alternate, so load changes hit both; medians over `--repeats`.
 2. Embedded model, the sweep's default prompts (shapes-val), vs the FP32 `--ref-steps` DDIM images (guidance
-   7.5, the sweep's reference): plain 4-step DDIM vs the 4-step distilled student (and every other shipped student), and the cache rows: PSNR (mean
-   over images, with a 95 % interval of the paired difference) and prompt accuracy with 95 % Wilson intervals.
+   7.5, the sweep's reference): plain 4-step DDIM vs the 4-step distilled student (and every other shipped
+   student), and the cache rows: PSNR (mean over images, with a 95 % paired-bootstrap interval of the
+   difference) and prompt accuracy with 95 % Wilson intervals and a paired sign-flip p vs plain 4-step.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from bench.data import load_prompts
 from bench.feature_cache import CachedUNet
 from bench.metrics.fidelity import Fidelity
 from bench.metrics.shapes import HEADS, PromptAccuracy
-from bench.stats import bootstrap_ci, wilson_interval
+from bench.stats import bootstrap_ci, paired_permutation_p, wilson_interval
 from bench.techniques.distilled import Distilled, student_file
 from stable_diffusion.config import V1_5
 from stable_diffusion.defaults import embedded_checkpoint
@@ -108,34 +109,38 @@ def embedded(n: int, ref_steps: int, repeats: int) -> None:
     fid, acc = Fidelity(), PromptAccuracy()
     ddim = {"sampler": "ddim"}
     ref, _ = generate(sd, prompts, steps=ref_steps, guidance=7.5, **ddim)
-    psnr_ref = None
+    psnr_ref, right_ref = None, None
 
     def report(name: str, images: torch.Tensor, secs: list[float]) -> None:
-        nonlocal psnr_ref
+        nonlocal psnr_ref, right_ref
         x, y = images.float(), ref.float()
         per = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))  # as Fidelity
         idx, hits = acc.per_image(images, prompts)
-        k = sum(all(hits[h][j] for h in HEADS) for j in range(len(idx)))
+        right = [float(all(hits[h][j] for h in HEADS)) for j in range(len(idx))]
+        k = int(sum(right))
         lo, hi = wilson(k, len(idx))
         ssim = fid.compute(x, prompts, y)["ssim"]
         line = f"  {name:34s} PSNR {per.mean():6.2f} dB  SSIM {ssim:.3f}  prompt acc {k}/{len(idx)} = "
         line += f"{k / len(idx):.2f} [{lo:.2f}, {hi:.2f}]  image {statistics.median(secs):.3f} s"
         if psnr_ref is None:
-            psnr_ref = per
-        else:  # paired over the same prompts and seeds: bootstrap interval of the mean difference
+            psnr_ref, right_ref = per, right
+        else:  # paired over the same prompts and seeds: bootstrap interval of the mean difference, sign-flip p
             d = (per - psnr_ref).numpy()
             lo_d, hi_d = bootstrap_ci(d) or (math.nan, math.nan)
-            line += f"  dPSNR vs plain 4 {d.mean():+.2f} dB [{lo_d:+.2f}, {hi_d:+.2f}]"
+            line += f"  dPSNR vs plain 4-step {d.mean():+.2f} dB [{lo_d:+.2f}, {hi_d:+.2f}]"
+            line += f", accuracy p {paired_permutation_p(right, right_ref):.3f}"
         print(line, flush=True)
 
     print(f"embedded tiny-shapes, {n} shapes-val prompts, vs FP32 {ref_steps}-step DDIM at guidance 7.5:")
     report("reference itself", ref, [0.0])
-    psnr_ref = None
+    psnr_ref = right_ref = None
     report("plain DDIM 4 steps, guidance 7.5", *generate(sd, prompts, steps=4, guidance=7.5, **ddim))
-    for steps in next(a for a in Distilled.axes if a.name == "steps").default:
+    default = next(a for a in Distilled.axes if a.name == "steps").default
+    for steps in sorted({*default, 16, 8, 2, 1}, reverse=True):  # the axis default, and any other shipped round
         path = student_file(steps)
         if not path.is_file():
-            print(f"  distilled[steps={steps}]: no {path.name}, skipped")
+            if steps in default:
+                print(f"  distilled[steps={steps}]: no {path.name}, skipped")
             continue
         setting = next(s for s in Distilled().settings({"steps": [steps]}))
         student = Distilled().apply(copy.deepcopy(base), setting)
