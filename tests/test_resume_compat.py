@@ -2,7 +2,9 @@
 
 tests/data/old-main-prune holds what that code wrote for
 `main.py --sweep prune --ratios 0,0.5 --num-images 2 --steps 2 --latency-repeats 1 --wandb-mode disabled
---run-id old-main-prune` (results.csv, manifest.json, images/; plots and W&B left out). Resuming it with
+--run-id old-main-prune` (results.csv, manifest.json, images/; plots and W&B left out), re-made with that
+commit's code and today's `data/weights/tiny-shapes.safetensors` whenever the embedded default is retrained
+(a folder of another model is rightly refused: the model's sha256 is in the protocol digest). Resuming it with
 one more ratio must keep its three rows cell for cell (header upgraded), add only the new one, compare that one with
 the old run's baseline images read back from disk.
 """
