@@ -50,7 +50,7 @@ from .defaults import REPO_ROOT, WEIGHTS_DIR, embedded_checkpoint
 from .errors import InputError, SDBenchError
 from .samplers import DDIMSampler
 from .tokenizer import CLIPTokenizer
-from .train import Pool, lr_at
+from .train import Pool, check_lr_schedule, lr_at
 
 log = logging.getLogger("stable_diffusion.distill")
 
@@ -115,8 +115,7 @@ class Distiller:
     def __init__(self, dc: DistillConfig, progress: bool = True) -> None:
         if dc.start_steps < 2 or dc.end_steps < 1 or dc.end_steps >= dc.start_steps:
             raise InputError("need --start-steps >= 2 and 1 <= --end-steps < --start-steps")
-        if dc.lr_schedule not in ("constant", "cosine"):
-            raise InputError(f"--lr-schedule {dc.lr_schedule!r}: use constant or cosine")
+        check_lr_schedule(dc.lr_schedule)
         n, chain = dc.start_steps, []
         while n // 2 >= dc.end_steps:
             n //= 2

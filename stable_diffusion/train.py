@@ -141,6 +141,15 @@ def noised(
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_lr_schedule(schedule: str) -> None:
+    """One message for a bad --lr-schedule, for train and distill alike."""
+    if schedule not in LR_SCHEDULES:
+        raise InputError(f"--lr-schedule {schedule!r}: use {' or '.join(LR_SCHEDULES)}")
+
+
 def lr_at(
     step: int, base: float, warmup: int, schedule: str = "constant", total: int = 0, min_frac: float = 0.1
 ) -> float:
@@ -220,8 +229,7 @@ class Trainer:
         self.elapsed = {"vae": 0.0, "unet": 0.0}
         self.scale_std: float | None = None
         self._make_opts()
-        if tc.lr_schedule not in ("constant", "cosine"):
-            raise InputError(f"--lr-schedule {tc.lr_schedule!r}: use constant or cosine")
+        check_lr_schedule(tc.lr_schedule)
         if tc.init:
             self._warm_start(Path(tc.init))
         self.ema = EMA(self._diffusion_modules(), tc.ema_decay)

@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm.auto import tqdm
 
 from bench.data import load_prompts
 from bench.feature_cache import CachedUNet
+from bench.metrics.base import PER_IMAGE
 from bench.metrics.fidelity import Fidelity
 from bench.metrics.shapes import HEADS, PromptAccuracy
 from bench.stats import bootstrap_ci, paired_permutation_p, wilson_interval
@@ -114,12 +114,13 @@ def embedded(n: int, ref_steps: int, repeats: int) -> None:
     def report(name: str, images: torch.Tensor, secs: list[float]) -> None:
         nonlocal psnr_ref, right_ref
         x, y = images.float(), ref.float()
-        per = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))  # as Fidelity
+        scores = fid.compute(x, prompts, y)
+        per = scores[PER_IMAGE]["psnr"].float()
         idx, hits = acc.per_image(images, prompts)
         right = [float(all(hits[h][j] for h in HEADS)) for j in range(len(idx))]
         k = int(sum(right))
         lo, hi = wilson(k, len(idx))
-        ssim = fid.compute(x, prompts, y)["ssim"]
+        ssim = scores["ssim"]
         line = f"  {name:34s} PSNR {per.mean():6.2f} dB  SSIM {ssim:.3f}  prompt acc {k}/{len(idx)} = "
         line += f"{k / len(idx):.2f} [{lo:.2f}, {hi:.2f}]  image {statistics.median(secs):.3f} s"
         if psnr_ref is None:
