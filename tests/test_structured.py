@@ -220,7 +220,35 @@ def test_recovery_resumes_exactly(
 
 
 def test_settings_ids() -> None:
-    ids = [s.id for s in Structured().settings({"structure": ["channels", "bk-tiny"], "recovery": ["none", "kd"]})]
+    axes = {"structure": ["channels", "bk-tiny"], "recovery": ["none", "kd"], "compile": ["eager", "compile"]}
+    ids = [s.id for s in Structured().settings(axes)]
     assert "structured[structure=bk-tiny]" in ids
     assert "structured[recovery=kd,recovery_steps=300,structure=bk-tiny]" in ids
-    assert len(ids) == len(set(ids)) == 4
+    assert "structured[compile=compile,recovery=kd,recovery_steps=300,structure=bk-tiny]" in ids
+    assert len(ids) == len(set(ids)) == 8
+
+
+def test_compiled_row_reuses_its_eager_siblings_training(
+    model: LatentDiffusion, data: DenoisingData, tmp_path, monkeypatch
+) -> None:
+    """A compiled row times the UNet its eager sibling trained: the finished state resumes, no new step."""
+    from bench.techniques import structured as mod
+    from bench.techniques.base import Setting
+
+    compiled_as: list[str] = []
+    monkeypatch.setattr(mod, "compile_for_row", lambda m, c, e, f: compiled_as.append(c) or f.update(compile=c) or m)
+    tech = Structured()
+    tech.bind(model, tmp_path)
+    tech._data = data
+    params = {"structure": "separable", "recovery": "kd", "recovery_steps": 2}
+    eager = tech.apply(copy.deepcopy(model.unet), Setting("structured", params))
+    calls = []
+    monkeypatch.setattr(recovery, "kd_loss", lambda *a, **k: calls.append(1) or recovery.kd_loss(*a, **k))
+    compiled = tech.apply(copy.deepcopy(model.unet), Setting("structured", {**params, "compile": "compile"}))
+    assert calls == [] and compiled_as == ["eager", "compile"]
+    assert compiled.fields["recovery_steps"] == eager.fields["recovery_steps"] == 2
+    assert compiled.fields["recovery_cpu_min"] == eager.fields["recovery_cpu_min"]
+    assert compiled.fields["unet_file"] == eager.fields["unet_file"]
+    assert compiled.fields["before_recovery"] == "structured[compile=compile,structure=separable]"
+    a, b = eager.module.state_dict(), compiled.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

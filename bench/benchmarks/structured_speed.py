@@ -5,7 +5,8 @@
     python -m bench.benchmarks.structured_speed --parts v1-5 --latents 32
 
 Embedded trained model: 50 % channel pruning (conv+heads+ffn, Taylor) -> GFLOPs and UNet step latency
-ratio vs dense (targets <= 0.5x, <= 0.65x; calls alternate dense / pruned after warmup), then KD recovery
+ratio vs dense (targets <= 0.5x, <= 0.65x; calls alternate dense / pruned after warmup; `--compile` adds both
+under torch.compile and quotes every row against the fastest dense one), then KD recovery
 (step budget, 15 min wall cap; CPU minutes are process CPU time), and PSNR vs the FP32 images and the
 per-attribute prompt accuracies of dense / pruned / recovered on the same prompts and seeds, with the share
 of the gap recovered ((recovered - pruned) / (fp32 - pruned); target >= 80 %).
@@ -21,6 +22,7 @@ import time
 
 import torch
 
+from bench.accel.compile import compile_unet
 from bench.benchmarks.shapes_eval import generate
 from bench.benchmarks.speed import benchmark_parser
 from bench.cost import flops_per_call, percentiles, time_alternating
@@ -78,7 +80,20 @@ def embedded(args) -> None:
         k: flops_per_call(lambda u=u: u(x, torch.tensor(500), ctx)) for k, u in (("dense", dense), ("pruned", pruned))
     }
     params = {k: sum(p.numel() for p in u.parameters()) for k, u in (("dense", dense), ("pruned", pruned))}
-    lat = step_latency({"dense": dense, "pruned": pruned}, latent, args.batch, args.warmup, args.repeats)
+    unets = {"dense": dense, "pruned": pruned}
+    if args.compile:  # inductor removes the eager dispatch overhead that hides the FLOPs cut on a tiny UNet
+        for name in ("dense", "pruned"):
+            unets[f"{name} compiled"], secs = compile_unet(unets[name], (x, torch.tensor(500), ctx))
+            print(f"compiled {name} in {secs:.0f} s", flush=True)
+    lat = step_latency(unets, latent, args.batch, args.warmup, args.repeats)
+    if args.compile:
+        best = min(("dense", "dense compiled"), key=lambda k: lat[k][0])
+        print(
+            "step p50 "
+            + ", ".join(f"{k} {v[0] * 1e3:.1f} ms ({v[0] / lat[best][0]:.3f}x)" for k, v in lat.items())
+            + f" -- ratios vs the best dense ({best})",
+            flush=True,
+        )
     print(
         f"embedded {latent}x{latent} batch {args.batch}: params {params['dense']:,} -> {params['pruned']:,} "
         f"({params['pruned'] / params['dense']:.3f}x); "
@@ -87,6 +102,8 @@ def embedded(args) -> None:
         f"{lat['pruned'][0] * 1e3:.1f} ms ({lat['pruned'][0] / lat['dense'][0]:.3f}x, target <= 0.65x)",
         flush=True,
     )
+    if not args.images:  # latency only
+        return
     prompts = captions("heldout", args.images)
     ref, q_fp = quality(sd, dense, prompts, None, args.steps)
     _, q_pr = quality(sd, pruned, prompts, ref, args.steps)
@@ -136,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parts", default="embedded,v1-5")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--recovery-steps", type=int, default=300)
-    p.add_argument("--images", type=int, default=32, help="held-out shapes prompts for quality")
+    p.add_argument("--images", type=int, default=32, help="held-out shapes prompts for quality (0: latency only)")
     p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps for quality")
+    p.add_argument("--compile", action="store_true", help="also time dense and pruned under torch.compile")
     p.add_argument("--latents", type=lambda s: [int(v) for v in s.split(",")], default=[32, 64])
     args = p.parse_args(argv)
     print(

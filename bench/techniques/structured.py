@@ -5,6 +5,11 @@ structure  channels   torch-pruning of conv channels / attention heads / FFN uni
            bk-base, bk-small, bk-tiny   BK-SDM block removal (`bench/structured/blocks.py`)
            separable  3x3 convs -> depthwise 3x3 + pointwise 1x1, low-rank fitted
 recovery   none, kd, lora (`bench/recovery.py`), `recovery_steps` training steps (15 min wall cap)
+compile    eager, compile: the compressed UNet as is, or torch.compile'd (inductor) -- on a small UNet eager
+           dispatch overhead hides much of the FLOPs cut; compare with `precision`'s compiled dense rows
+
+A compiled row and its eager sibling share one compression: the recovery state and the saved UNet live
+under the eager setting's slug, so the second of them resumes a finished training instead of training again.
 
 Every compressed UNet is saved under `<run>/unets/<setting>.safetensors` (CompVis layout + architecture
 record), loadable with `main.py generate --unet FILE`. A recovered row names its un-recovered sibling in
@@ -24,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.accel.compile import AXIS as COMPILE_CHOICES
+from bench.accel.compile import compile_for_row
 from stable_diffusion.checkpoint import save_checkpoint
 from stable_diffusion.errors import InputError
 
@@ -34,6 +41,7 @@ from ..results import read_rows
 from ..structured import blocks
 from ..structured.channels import IMPORTANCES, parse_parts, prune_channels
 from .base import Calibration, Compressed, Setting, Technique, check_choice, grid
+from .precision import COMPILE, COMPILE_S, with_compile
 from .prune import parse_ratio
 
 log = logging.getLogger(__name__)
@@ -58,7 +66,9 @@ class Structured(Technique):
         Axis("parts", ["conv+heads+ffn"], _parts, "what channel pruning removes: conv, heads, ffn (+-joined)"),
         Axis("recovery", ["none", "kd"], text, "recovery training after compression", choices=list(KINDS)),
         Axis("recovery_steps", [300], positive_int, "recovery training steps (recovery=kd/lora)"),
-    )
+        Axis("compile", ["eager", "compile"], text, "torch.compile (inductor) of the compressed UNet",
+             list(COMPILE_CHOICES)),
+    )  # fmt: skip
     columns = (
         Column("structure", "structured kind", label="Structure", better=None),
         Column("recovery", "recovery training (none, kd, lora)", label="Recovery", better=None),
@@ -67,6 +77,8 @@ class Structured(Technique):
         Column("psnr_before_recovery", "PSNR of the same UNet before recovery", label="PSNR before", better="higher"),
         Column("unet_params_ratio", "UNet parameters / the uncompressed UNet's", label="UNet params ratio",
                better="lower"),
+        COMPILE,
+        COMPILE_S,
     )  # fmt: skip
     plot_x = "ratio"
     needs_calibration = False
@@ -93,7 +105,7 @@ class Structured(Technique):
                 params.update(ratio=p["ratio"], importance=p["importance"], parts=p["parts"])
             if p["recovery"] != "none":  # the modifier at its default adds nothing to the id
                 params.update(recovery=p["recovery"], recovery_steps=p["recovery_steps"])
-            s = Setting(self.name, params)
+            s = Setting(self.name, with_compile(params, p["compile"]))
             out.setdefault(s.id, s)
         return list(out.values())
 
@@ -134,8 +146,10 @@ class Structured(Technique):
         return blocks.remove_blocks(unet, structure), {}
 
     def apply(self, unet: nn.Module, setting: Setting, calibration: Calibration | None = None) -> Compressed:
-        p = setting.params
+        p = dict(setting.params)
         check_choice("structure", p["structure"], STRUCTURES)
+        compile = self.axis("compile").check(p.pop("compile", "eager"))
+        slug = Setting(self.name, p).slug  # the eager sibling's: one training and one file for both
         teacher = copy.deepcopy(unet)
         base_params = count_params(unet)[0]
         unet, fields = self.compress(unet, p)
@@ -143,8 +157,9 @@ class Structured(Technique):
         fields.update(structure=p["structure"], recovery=kind, recovery_steps=0, recovery_cpu_min=0.0)
         fields["psnr_before_recovery"] = None  # a recovered row fills it from its sibling, when the run has one
         if kind != "none":
-            unrecovered = Setting(self.name, {k: v for k, v in p.items() if not k.startswith("recovery")})
-            work = self.run_dir / "recovery" / setting.slug if self.run_dir else None
+            kept = {k: v for k, v in p.items() if not k.startswith("recovery")}
+            unrecovered = Setting(self.name, with_compile(kept, compile))
+            work = self.run_dir / "recovery" / slug if self.run_dir else None
             rc = RecoveryConfig(kind=kind, steps=int(p["recovery_steps"]), work_dir=work, data=self.data)
             if kind == "lora":
                 rc.lr = 1e-3
@@ -160,7 +175,7 @@ class Structured(Technique):
             size_bytes=dense_size_bytes(unet.state_dict()),
         )
         if self.run_dir is not None and self.model is not None:
-            path = self.run_dir / "unets" / f"{setting.slug}.safetensors"
+            path = self.run_dir / "unets" / f"{slug}.safetensors"
             save_checkpoint(unet, path, self.model.cfg, component="unet")
             fields["unet_file"] = str(path)
-        return Compressed(unet.eval(), fields)
+        return Compressed(compile_for_row(unet.eval(), compile, None, fields), fields)
