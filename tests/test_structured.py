@@ -223,8 +223,8 @@ def test_settings_ids() -> None:
     axes = {"structure": ["channels", "bk-tiny"], "recovery": ["none", "kd"], "compile": ["eager", "compile"]}
     ids = [s.id for s in Structured().settings(axes)]
     assert "structured[structure=bk-tiny]" in ids
-    assert "structured[recovery=kd,recovery_steps=300,structure=bk-tiny]" in ids
-    assert "structured[compile=compile,recovery=kd,recovery_steps=300,structure=bk-tiny]" in ids
+    assert "structured[recovery=kd,recovery_steps=600,structure=bk-tiny]" in ids
+    assert "structured[compile=compile,recovery=kd,recovery_steps=600,structure=bk-tiny]" in ids
     assert len(ids) == len(set(ids)) == 8
 
 

@@ -65,7 +65,7 @@ class Structured(Technique):
         Axis("importance", ["taylor"], text, "channel importance (structure=channels)", choices=list(IMPORTANCES)),
         Axis("parts", ["conv+heads+ffn"], _parts, "what channel pruning removes: conv, heads, ffn (+-joined)"),
         Axis("recovery", ["none", "kd"], text, "recovery training after compression", choices=list(KINDS)),
-        Axis("recovery_steps", [300], positive_int, "recovery training steps (recovery=kd/lora)"),
+        Axis("recovery_steps", [600], positive_int, "recovery training steps (recovery=kd/lora)"),
         Axis("compile", ["eager", "compile"], text, "torch.compile (inductor) of the compressed UNet",
              list(COMPILE_CHOICES)),
     )  # fmt: skip
